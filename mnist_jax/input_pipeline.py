@@ -1,0 +1,239 @@
+"""MNIST input: whole splits as uint8 arrays, the tutorial's split, data order.
+
+MNIST is 55 MB as uint8, so the whole dataset is loaded once into host memory
+(and, by `train.py`, once onto the devices). Each training step then gathers its
+batch on the device from the epoch's permutation, so there is no per-step
+host-to-device copy and no input pipeline to keep fed.
+
+Two sources, chosen by `config.data.source`:
+  * 'tfds': `tfds.load('mnist')`, from `config.data.dir`, else `TFDS_DATA_DIR`,
+    else TFDS's default (~/tensorflow_datasets).
+  * 'idx': the tutorial's `MNIST_data/` folder with the four classic IDX files
+    (`train-images-idx3-ubyte[.gz]` etc.), gzipped or not.
+
+Split (as the tutorial's `read_data_sets`): the *first* `num_validation`
+(5,000) training images, in the source's own order, validate; the remaining
+55,000 train; the 10,000 test images test.
+
+Data order: epoch `e` visits the training set in the order
+`jax.random.permutation(fold_in(key(seed), e), n)`, a pure function of
+(seed, epoch); the last incomplete batch of an epoch is dropped. Resuming
+therefore needs nothing but the step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import os
+import struct
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mnist_jax.errors import DataError
+
+NUM_CLASSES = 10
+IMAGE_SHAPE = (28, 28, 1)
+
+IDX_FILES = {
+    'train_images': 'train-images-idx3-ubyte',
+    'train_labels': 'train-labels-idx1-ubyte',
+    'test_images': 't10k-images-idx3-ubyte',
+    'test_labels': 't10k-labels-idx1-ubyte',
+}
+_IDX_MAGIC = {3: 2051, 1: 2049}  # ndim -> magic number (uint8 data).
+
+_HOW_TO_FIX = (
+    'Set TFDS_DATA_DIR (or --config.data.dir) to a prepared tensorflow_datasets '
+    'folder that holds mnist, or use the IDX files with '
+    '--config.data.source=idx --config.data.dir=<folder with '
+    'train-images-idx3-ubyte.gz ...>.')
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+  """One split held in host memory."""
+  images: np.ndarray  # uint8 [N, 28, 28, 1], 0 = background, 255 = ink.
+  labels: np.ndarray  # int32 [N].
+
+  def __len__(self) -> int:
+    return len(self.labels)
+
+
+@dataclasses.dataclass(frozen=True)
+class Mnist:
+  """The tutorial's three splits."""
+  train: Split
+  validation: Split
+  test: Split
+
+
+def load(config) -> Mnist:
+  """Loads MNIST as chosen by `config.data` and splits it as the tutorial.
+
+  Args:
+    config: the run's config (uses `config.data.source`, `.dir`,
+      `.num_validation`, `.download`).
+
+  Returns:
+    The train/validation/test splits as uint8 images and int32 labels.
+
+  Raises:
+    DataError: the data cannot be found, read or is malformed; the message
+      says what to do.
+  """
+  source = config.data.source
+  if source == 'tfds':
+    train, test = _load_tfds(config.data.dir, config.data.get('download', False))
+  elif source == 'idx':
+    train, test = _load_idx(config.data.dir)
+  else:
+    raise DataError(f"Unknown data source {source!r}: use 'tfds' or 'idx'.")
+  n_val = config.data.num_validation
+  if not 0 < n_val < len(train):
+    raise DataError(
+        f'data.num_validation={n_val} must be in (0, {len(train)}): the '
+        f'training split has only {len(train)} images.')
+  return Mnist(
+      train=Split(train.images[n_val:], train.labels[n_val:]),
+      validation=Split(train.images[:n_val], train.labels[:n_val]),
+      test=test)
+
+
+def _load_tfds(data_dir: str, download: bool) -> tuple[Split, Split]:
+  """Reads the whole 'train' and 'test' splits of TFDS mnist in file order."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  data_dir = data_dir or os.environ.get('TFDS_DATA_DIR') or None
+  splits = []
+  for name in ('train', 'test'):
+    try:
+      ds = tfds.load('mnist', split=name, data_dir=data_dir, download=download,
+                     shuffle_files=False)
+    except (AssertionError, FileNotFoundError, OSError) as e:
+      where = data_dir or '~/tensorflow_datasets (TFDS default)'
+      raise DataError(
+          f'MNIST (TFDS) not found in {where} and download={download}. '
+          f'{_HOW_TO_FIX} [{type(e).__name__}: {str(e)[:120]}]') from None
+    except Exception as e:  # pylint: disable=broad-except
+      # Without network access, download=True fails deep inside TFDS.
+      raise DataError(f'Could not load MNIST from TFDS ({type(e).__name__}: '
+                      f'{str(e)[:160]}). {_HOW_TO_FIX}') from None
+    images, labels = [], []
+    for batch in tfds.as_numpy(ds.batch(10_000)):
+      images.append(batch['image'])
+      labels.append(batch['label'])
+    splits.append(_make_split(np.concatenate(images), np.concatenate(labels),
+                              f'TFDS mnist/{name}'))
+  return splits[0], splits[1]
+
+
+def _load_idx(folder: str) -> tuple[Split, Split]:
+  """Reads the four classic IDX files (gzipped or not) from `folder`."""
+  if not folder:
+    raise DataError('data.source=idx needs --config.data.dir=<folder with the '
+                    'four MNIST IDX files> (the tutorial\'s MNIST_data/).')
+  arrays = {}
+  for key, name in IDX_FILES.items():
+    path = _find_idx_file(folder, name)
+    arrays[key] = read_idx(path, ndim=3 if key.endswith('images') else 1)
+  train = _make_split(arrays['train_images'][..., None], arrays['train_labels'],
+                      os.path.join(folder, IDX_FILES['train_images']))
+  test = _make_split(arrays['test_images'][..., None], arrays['test_labels'],
+                     os.path.join(folder, IDX_FILES['test_images']))
+  return train, test
+
+
+def _find_idx_file(folder: str, name: str) -> str:
+  for candidate in (name + '.gz', name):
+    path = os.path.join(folder, candidate)
+    if os.path.isfile(path):
+      return path
+  raise DataError(
+      f'IDX file {name}[.gz] not found in {folder!r}. {_HOW_TO_FIX}')
+
+
+def read_idx(path: str, ndim: int) -> np.ndarray:
+  """Reads a uint8 IDX file (optionally gzipped), validating its header.
+
+  Args:
+    path: the file.
+    ndim: expected number of dimensions (3 for images, 1 for labels).
+
+  Returns:
+    The array, uint8 with the header's shape.
+
+  Raises:
+    DataError: naming the file, if it is truncated, corrupt or of the wrong kind.
+  """
+  try:
+    if path.endswith('.gz'):
+      with gzip.open(path, 'rb') as f:
+        raw = f.read()
+    else:
+      with open(path, 'rb') as f:
+        raw = f.read()
+  except (OSError, EOFError, zlib.error) as e:
+    raise DataError(f'Corrupt or truncated IDX file {path}: {e}. Replace it '
+                    'with a fresh copy of the MNIST file.') from None
+  header = 4 + 4 * ndim
+  if len(raw) < header:
+    raise DataError(f'Corrupt or truncated IDX file {path}: only {len(raw)} '
+                    'bytes. Replace it with a fresh copy of the MNIST file.')
+  magic = struct.unpack('>I', raw[:4])[0]
+  if magic != _IDX_MAGIC[ndim]:
+    raise DataError(f'{path} is not a {ndim}-D uint8 IDX file (magic {magic}, '
+                    f'expected {_IDX_MAGIC[ndim]}). Check the file names.')
+  shape = struct.unpack(f'>{ndim}I', raw[4:header])
+  expected = header + int(np.prod(shape))
+  if len(raw) != expected:
+    raise DataError(
+        f'Corrupt or truncated IDX file {path}: {len(raw)} bytes, header says '
+        f'{expected}. Replace it with a fresh copy of the MNIST file.')
+  return np.frombuffer(raw, np.uint8, offset=header).reshape(shape)
+
+
+def _make_split(images: np.ndarray, labels: np.ndarray, what: str) -> Split:
+  images = np.ascontiguousarray(images, dtype=np.uint8)
+  labels = np.asarray(labels)
+  if images.shape[1:] != IMAGE_SHAPE or len(images) != len(labels):
+    raise DataError(f'{what}: unexpected shapes {images.shape} / {labels.shape}'
+                    f', expected [N, 28, 28, 1] images and [N] labels.')
+  if labels.size and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
+    raise DataError(f'{what}: labels outside 0..{NUM_CLASSES - 1}.')
+  return Split(images, labels.astype(np.int32))
+
+
+# ---------------------------------------------------------------- data order
+
+def epoch_permutation(rng: jax.Array, epoch, num_examples: int) -> jax.Array:
+  """The training order of `epoch`: a pure function of (rng, epoch).
+
+  Jit-able; `rng` is the run's data key (`fold_in(key(seed), 'data')`).
+  """
+  return jax.random.permutation(jax.random.fold_in(rng, epoch), num_examples)
+
+
+def normalize(images: jax.Array, dtype=jnp.float32) -> jax.Array:
+  """uint8 [0, 255] -> `dtype` in [0, 1], as the tutorial's `read_data_sets`."""
+  return images.astype(dtype) * (1.0 / 255.0)
+
+
+def pad_to_multiple(split: Split, multiple: int) -> dict[str, np.ndarray]:
+  """Pads a split to a multiple of `multiple` examples, with a validity mask.
+
+  Evaluation runs over the padded arrays and weights each example by `mask`,
+  so every real example is counted exactly once and padding never is.
+  """
+  n = len(split)
+  padded = -(-n // multiple) * multiple
+  pad = padded - n
+  return {
+      'image': np.concatenate(
+          [split.images, np.zeros((pad,) + IMAGE_SHAPE, np.uint8)]),
+      'label': np.concatenate([split.labels, np.zeros((pad,), np.int32)]),
+      'mask': np.concatenate([np.ones((n,), bool), np.zeros((pad,), bool)]),
+  }

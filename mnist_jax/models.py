@@ -1,0 +1,132 @@
+"""The tutorial's fully convolutional MNIST classifier as a Flax linen module.
+
+    conv1  32@5x5 SAME + ReLU        [B,28,28,32]
+    pool1  max 2x2 / 2               [B,14,14,32]
+    conv2  64@5x5 SAME + ReLU        [B,14,14,64]
+    pool2  max 2x2 / 2               [B,7,7,64]
+    fc3    1024@7x7 VALID + ReLU     [B,1,1,1024]
+    dropout3 (keep_prob, training)   [B,1,1,1024]
+    fc4    10@1x1, no activation     [B,1,1,10]  -> squeezed to logits [B,10]
+
+Every layer's output is sown into the 'intermediates' collection under its
+end-point name (the tutorial's `end_points`). `sow` stores nothing unless the
+caller asks for the collection (`mutable=['intermediates']`), so the end points
+cost nothing in normal training steps.
+
+The function is fixed; its lowering is not. `lowering='reference'` uses what
+`nn.Conv`/`nn.max_pool` lower to; `lowering='fast'` (default) uses the
+equivalent operations in `mnist_jax.ops` that XLA:CPU runs several times
+faster (fc3 as a matmul, max-pool as reshape + max, convolution gradients in
+canonical form). Parameters are identical either way (HWIO conv kernels), so
+checkpoints and summaries do not depend on the lowering.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mnist_jax import ops
+
+END_POINTS = ('conv1', 'pool1', 'conv2', 'pool2', 'fc3', 'dropout3', 'fc4')
+
+# TF's variance_scaling_initializer(factor=1.0, mode='FAN_AVG', uniform=False):
+# a truncated normal with variance 1 / fan_avg.
+kernel_init = nn.initializers.variance_scaling(1.0, 'fan_avg', 'truncated_normal')
+
+
+class Conv(nn.Module):
+  """Stride-1 NHWC convolution with an HWIO kernel and a bias.
+
+  A kernel that covers the whole spatial input with VALID padding (fc3, fc4)
+  is a fully connected layer and is computed as one matmul on the 'fast' path.
+  """
+  features: int
+  kernel_size: tuple[int, int]
+  padding: str = 'SAME'
+  activation: Any = None
+  lowering: str = 'fast'
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kh, kw = self.kernel_size
+    kernel = self.param('kernel', kernel_init,
+                        (kh, kw, x.shape[-1], self.features), jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros, (self.features,),
+                      jnp.float32)
+    x = x.astype(self.dtype)
+    kernel = kernel.astype(self.dtype)
+    whole_input = (self.padding == 'VALID' and x.shape[1:3] == (kh, kw))
+    if self.lowering == 'reference':
+      y = ops.reference_conv2d(x, kernel, self.padding)
+    elif whole_input:
+      y = ops.dense_conv(x, kernel)
+    else:
+      y = ops.conv2d(x, kernel, self.padding)
+    y = y + bias.astype(self.dtype)
+    return self.activation(y) if self.activation is not None else y
+
+
+class CNN(nn.Module):
+  """The tutorial's network; returns logits [B, num_classes].
+
+  Attributes:
+    num_classes: outputs of fc4.
+    dropout_keep_prob: keep probability of the dropout after fc3 (the
+      tutorial's 0.5); dropout is applied only when `train=True`.
+    lowering: 'fast' or 'reference' (same function, different XLA ops).
+    dtype: compute dtype of activations; parameters are always float32.
+  """
+  num_classes: int = 10
+  dropout_keep_prob: float = 0.5
+  lowering: str = 'fast'
+  dtype: Any = jnp.float32
+
+  def setup(self):
+    if self.lowering not in ('fast', 'reference'):
+      raise ValueError(f"lowering must be 'fast' or 'reference', got "
+                       f'{self.lowering!r}')
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    conv = lambda f, k, pad, act, name: Conv(  # pylint: disable=g-long-lambda
+        f, (k, k), pad, act, self.lowering, self.dtype, name=name)
+    pool = (ops.reference_max_pool_2x2 if self.lowering == 'reference'
+            else ops.max_pool_2x2)
+
+    x = conv(32, 5, 'SAME', nn.relu, 'conv1')(x)
+    self.sow('intermediates', 'conv1', x)
+    x = pool(x)
+    self.sow('intermediates', 'pool1', x)
+    x = conv(64, 5, 'SAME', nn.relu, 'conv2')(x)
+    self.sow('intermediates', 'conv2', x)
+    x = pool(x)
+    self.sow('intermediates', 'pool2', x)
+    x = conv(1024, x.shape[1], 'VALID', nn.relu, 'fc3')(x)
+    self.sow('intermediates', 'fc3', x)
+    x = nn.Dropout(rate=1.0 - self.dropout_keep_prob, deterministic=not train,
+                   name='dropout3')(x)
+    self.sow('intermediates', 'dropout3', x)
+    x = conv(self.num_classes, 1, 'VALID', None, 'fc4')(x)
+    self.sow('intermediates', 'fc4', x)
+    return jnp.squeeze(x, axis=(1, 2)).astype(jnp.float32)
+
+
+def create_model(config) -> CNN:
+  """The model chosen by `config`."""
+  return CNN(num_classes=config.num_classes,
+             dropout_keep_prob=config.dropout_keep_prob,
+             lowering=config.get('lowering', 'fast'),
+             dtype=jnp.dtype(config.get('dtype', 'float32')))
+
+
+def end_points(model: CNN, variables, images, *, train=False, rngs=None):
+  """Runs the model and returns (logits, {end point name: activation})."""
+  logits, state = model.apply(variables, images, train=train, rngs=rngs,
+                              mutable=['intermediates'])
+  inter = state['intermediates']
+  return logits, {name: inter[name][0] for name in END_POINTS}

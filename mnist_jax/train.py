@@ -20,6 +20,7 @@ it, parameters, optimizer state and the dataset are replicated.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -229,6 +230,74 @@ def evaluate(eval_fn, params, device_split) -> dict[str, float]:
 
 # ---------------------------------------------------------------- the loop
 
+@dataclasses.dataclass
+class Context:
+  """What a run's hooks may read. Filled in by `train_and_evaluate`."""
+  config: ml_collections.ConfigDict
+  workdir: str
+  mesh: jax.sharding.Mesh
+  model: models.CNN
+  data: input_pipeline.Mnist  # host copies of the splits
+  learning_rate_fn: Callable[[Any], Any]
+  steps_per_epoch: int
+  total_steps: int
+  eval_fn: Callable[..., Any]
+  eval_splits: dict[str, Any]  # device-resident padded validation/test
+  rngs: dict[str, jax.Array]  # 'init', 'dropout', 'data'
+
+
+class Hook:
+  """Something that happens around training (logging, checkpoints, ...).
+
+  The loop calls, in order: `on_train_start` once (may return a replacement
+  state, e.g. a restored one), then per dispatch of steps `on_steps` (state
+  after `step`, device-side; do not block on it unless needed), `on_metrics`
+  when the per-step metrics of a dispatch have reached the host (one dispatch
+  late, so the host never waits for the device), `on_epoch_end` after each
+  epoch's evaluation, and `on_train_end` with the final result (also when the
+  loop stops with an exception: `result` is None then).
+  """
+
+  def on_train_start(self, ctx: Context, state: TrainState):
+    return state
+
+  def on_steps(self, ctx: Context, step: int, state: TrainState) -> None:
+    pass
+
+  def on_metrics(self, ctx: Context, first_step: int, metrics) -> None:
+    """`metrics`: host TrainMetrics stacked over steps first_step+1, ..."""
+
+  def on_epoch_end(self, ctx: Context, epoch: int, step: int,
+                   state: TrainState, record: dict[str, Any]) -> None:
+    pass
+
+  def on_train_end(self, ctx: Context, step: int, state: TrainState,
+                   result: dict[str, Any] | None) -> None:
+    pass
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The training loss became NaN or infinite."""
+
+
+class _ProgressLine(Hook):
+  """Minimal live line on a terminal; silent otherwise."""
+
+  def __init__(self):
+    self.enabled = sys.stdout.isatty()
+
+  def on_metrics(self, ctx, first_step, metrics):
+    if self.enabled:
+      last = first_step + len(metrics.loss.total)
+      loss = float(metrics.loss.total[-1] / metrics.loss.count[-1])
+      print(f'\rstep {last}/{ctx.total_steps} loss {loss:.4f}', end='',
+            flush=True)
+
+  def on_epoch_end(self, ctx, epoch, step, state, record):
+    if self.enabled:
+      print('\r', end='')
+
+
 def _check_divisible(config, mesh):
   n = mesh.devices.size
   for field in ('batch_size', 'eval_batch_size'):
@@ -240,23 +309,26 @@ def _check_divisible(config, mesh):
           f'multiple of {n}, e.g. {" or ".join(map(str, ok))}.')
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
-                       ) -> dict[str, Any]:
-  """Trains the tutorial's CNN as configured and evaluates it every epoch.
+def _chunk_length(config, step: int, epoch_end: int) -> int:
+  """Steps in the next dispatch: at most steps_per_dispatch, never past the
+  epoch end nor past a checkpoint step (so saves happen at exact steps)."""
+  n = min(config.steps_per_dispatch, epoch_end - step)
+  every = config.checkpoint_every_steps
+  return min(n, every - step % every)
 
-  Args:
-    config: the run's hyperparameters (see configs/default.py).
-    workdir: where metrics.json (and later checkpoints, summaries) go.
 
-  Returns:
-    The metrics written to `<workdir>/metrics.json`: per-epoch records and the
-    final validation and test metrics.
-  """
+def default_hooks(config) -> list[Hook]:
+  """The hooks `train_and_evaluate` runs unless given others."""
+  del config
+  return [_ProgressLine()]
+
+
+def setup(config: ml_collections.ConfigDict, workdir: str) -> Context:
+  """Validates the config, loads the data and builds everything but state."""
   config_lib.validate(config)
   os.makedirs(workdir, exist_ok=True)
   mesh = create_mesh()
   _check_divisible(config, mesh)
-
   data = input_pipeline.load(config)
   num_train = len(data.train)
   config_lib.validate_against_data(config, num_train)
@@ -264,83 +336,125 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   total_steps = config.num_epochs * spe
   if config.num_train_steps > 0:
     total_steps = min(total_steps, config.num_train_steps)
-  logging.info('Train %d / validation %d / test %d images; %d steps per epoch,'
-               ' %d steps.', num_train, len(data.validation), len(data.test),
-               spe, total_steps)
-
   model = models.create_model(config)
-  learning_rate_fn = create_learning_rate_fn(config, num_train)
   root = jax.random.key(config.seed)
-  state = create_train_state(config, model, learning_rate_fn,
-                             jax.random.fold_in(root, _INIT))
-  state = put_replicated(state, mesh)
-  dropout_rng = jax.random.fold_in(root, _DROPOUT)
-  data_rng = jax.random.fold_in(root, _DATA)
+  return Context(
+      config=config, workdir=workdir, mesh=mesh, model=model, data=data,
+      learning_rate_fn=create_learning_rate_fn(config, num_train),
+      steps_per_epoch=spe, total_steps=total_steps,
+      eval_fn=make_eval_fn(model, mesh),
+      eval_splits={name: device_eval_split(getattr(data, name),
+                                           config.eval_batch_size, mesh)
+                   for name in ('validation', 'test')},
+      rngs={name: jax.random.fold_in(root, i) for name, i in
+            (('init', _INIT), ('dropout', _DROPOUT), ('data', _DATA))})
 
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       hooks: list[Hook] | None = None) -> dict[str, Any]:
+  """Trains the tutorial's CNN as configured and evaluates it every epoch.
+
+  Args:
+    config: the run's hyperparameters (see configs/default.py).
+    workdir: where metrics.json, checkpoints and summaries go.
+    hooks: what runs around training; default `default_hooks(config)`.
+
+  Returns:
+    The metrics written to `<workdir>/metrics.json`: per-epoch records and the
+    final validation and test metrics.
+  """
+  ctx = setup(config, workdir)
+  logging.info('Train %d / validation %d / test %d images; %d steps per epoch,'
+               ' %d steps; devices: %s', len(ctx.data.train),
+               len(ctx.data.validation), len(ctx.data.test),
+               ctx.steps_per_epoch, ctx.total_steps, ctx.mesh.devices.tolist())
+  hooks = default_hooks(config) if hooks is None else hooks
+  state = put_replicated(
+      create_train_state(config, ctx.model, ctx.learning_rate_fn,
+                         ctx.rngs['init']), ctx.mesh)
+  for hook in hooks:
+    state = hook.on_train_start(ctx, state)
+
+  result = None
+  try:
+    state, history = _train_loop(ctx, state, hooks)
+    final = {k: v for k, v in history[-1].items()
+             if k.startswith(('validation_', 'test_'))} if history else {}
+    result = {'config': config.to_dict(), 'epochs': history, 'final': final,
+              'step': int(state.step)}
+    with open(os.path.join(workdir, 'metrics.json'), 'w') as f:
+      json.dump(result, f, indent=1)
+    if final:
+      print(f"Final test accuracy: {final['test_accuracy']:.2%}", flush=True)
+  finally:
+    for hook in hooks:
+      hook.on_train_end(ctx, int(state.step) if result else -1, state, result)
+  return result
+
+
+def _train_loop(ctx: Context, state: TrainState, hooks: list[Hook]):
+  """Epochs of dispatches of steps, with evaluation at epoch ends."""
+  config = ctx.config
+  num_train = len(ctx.data.train)
   train_data = put_replicated(
-      {'image': data.train.images, 'label': data.train.labels}, mesh)
-  eval_splits = {name: device_eval_split(getattr(data, name),
-                                         config.eval_batch_size, mesh)
-                 for name in ('validation', 'test')}
-  train_fn = make_train_fn(config, learning_rate_fn, num_train, mesh)
-  eval_fn = make_eval_fn(model, mesh)
+      {'image': ctx.data.train.images, 'label': ctx.data.train.labels},
+      ctx.mesh)
+  train_fn = make_train_fn(config, ctx.learning_rate_fn, num_train, ctx.mesh)
   permutation = jax.jit(
       functools.partial(input_pipeline.epoch_permutation,
                         num_examples=num_train),
-      out_shardings=jax.NamedSharding(mesh, P()))
+      out_shardings=jax.NamedSharding(ctx.mesh, P()))
 
   history = []
   step = int(state.step)
-  k = config.steps_per_dispatch
-  is_tty = sys.stdout.isatty()
-  while step < total_steps:
-    epoch = step // spe
-    epoch_end = min((epoch + 1) * spe, total_steps)
-    perm = permutation(data_rng, epoch)
+  while step < ctx.total_steps:
+    epoch = step // ctx.steps_per_epoch
+    epoch_end = min((epoch + 1) * ctx.steps_per_epoch, ctx.total_steps)
+    perm = permutation(ctx.rngs['data'], epoch)
     t0 = time.perf_counter()
-    pending, merged = [], None
-    first_step = step
-    while step < epoch_end:
-      n = min(k, epoch_end - step)
-      state, stacked = train_fn(state, train_data, perm, dropout_rng,
-                                num_steps=n)
-      step += n
-      pending.append(stacked)
-      # Fetch the previous dispatch's metrics while this one runs.
-      while len(pending) > 1:
-        host = jax.device_get(pending.pop(0))
+    first_step, merged, pending = step, None, []
+
+    def drain(keep: int):
+      nonlocal merged
+      while len(pending) > keep:
+        start, stacked = pending.pop(0)
+        host = jax.device_get(stacked)
+        losses = host.loss.total / host.loss.count
+        if not np.all(np.isfinite(losses)):
+          bad = start + 1 + int(np.argmin(np.isfinite(losses)))
+          raise NonFiniteLossError(
+              f'Training loss is {losses[bad - start - 1]} at step {bad}; '
+              'stopping (lower the learning rate?).')
+        for hook in hooks:
+          hook.on_metrics(ctx, start, host)
         part = metrics_lib.merge_stacked(host)
         merged = part if merged is None else merged.merge(part)
-      if is_tty and merged is not None:
-        print(f'\rEpoch {epoch + 1}: step {step - first_step}/'
-              f'{epoch_end - first_step} loss '
-              f'{float(merged.loss.compute()):.4f}', end='', flush=True)
-    for stacked in pending:
-      part = metrics_lib.merge_stacked(jax.device_get(stacked))
-      merged = part if merged is None else merged.merge(part)
-    if is_tty:
-      print('\r', end='')
+
+    while step < epoch_end:
+      n = _chunk_length(config, step, epoch_end)
+      state, stacked = train_fn(state, train_data, perm, ctx.rngs['dropout'],
+                                num_steps=n)
+      pending.append((step, stacked))
+      step += n
+      for hook in hooks:
+        hook.on_steps(ctx, step, state)
+      drain(keep=1)  # the previous dispatch's metrics, while this one runs
+    drain(keep=0)
     train_time = time.perf_counter() - t0
     record = {'epoch': epoch + 1, 'step': step,
               **metrics_lib.to_scalars(merged, 'train_'),
+              'train_seconds': train_time,
               'images_per_second': (step - first_step) * config.batch_size
                                    / train_time}
-    if (epoch + 1) % config.eval_every_epochs == 0 or step == total_steps:
-      for name, split in eval_splits.items():
-        record.update({f'{name}_{k_}': v for k_, v in
-                       evaluate(eval_fn, state.params, split).items()})
+    if (epoch + 1) % config.eval_every_epochs == 0 or step == ctx.total_steps:
+      for name, split in ctx.eval_splits.items():
+        record.update({f'{name}_{k}': v for k, v in
+                       evaluate(ctx.eval_fn, state.params, split).items()})
     history.append(record)
     print(_epoch_line(record), flush=True)
-
-  final = {k_: v for k_, v in history[-1].items() if k_.startswith(
-      ('validation_', 'test_'))} if history else {}
-  result = {'config': config.to_dict(), 'epochs': history, 'final': final,
-            'step': step}
-  with open(os.path.join(workdir, 'metrics.json'), 'w') as f:
-    json.dump(result, f, indent=1)
-  if final:
-    print(f"Final test accuracy: {final['test_accuracy']:.2%}", flush=True)
-  return result
+    for hook in hooks:
+      hook.on_epoch_end(ctx, epoch + 1, step, state, record)
+  return state, history
 
 
 def _epoch_line(r) -> str:

@@ -1,0 +1,76 @@
+"""Shared fixtures: tiny generated MNIST-like data and a fast config.
+
+Nothing here needs the network: the IDX files are written by the fixture.
+"""
+
+import gzip
+import os
+import struct
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import mnist_jax  # noqa: E402,F401  (XLA flags before JAX starts)
+from configs import default  # noqa: E402
+
+
+def write_idx(path, array, gz=True):
+  """Writes a uint8 array as an IDX file (the format of MNIST's files)."""
+  magic = 2051 if array.ndim == 3 else 2049
+  raw = struct.pack(f'>I{array.ndim}I', magic, *array.shape) + array.astype(
+      np.uint8).tobytes()
+  opener = gzip.open if gz else open
+  with opener(path, 'wb') as f:
+    f.write(raw)
+
+
+def make_digits(n, seed):
+  """Learnable fake digits: each class is a bright bar at its own position."""
+  rng = np.random.default_rng(seed)
+  labels = rng.integers(0, 10, n).astype(np.uint8)
+  images = (rng.random((n, 28, 28)) * 40).astype(np.uint8)
+  for i, label in enumerate(labels):
+    r = 2 + 2 * int(label)
+    images[i, r:r + 3, 4:24] = 255
+  return images, labels
+
+
+def write_idx_dataset(folder, num_train=700, num_test=230, gz=True):
+  os.makedirs(folder, exist_ok=True)
+  sfx = '.gz' if gz else ''
+  tr_x, tr_y = make_digits(num_train, 0)
+  te_x, te_y = make_digits(num_test, 1)
+  write_idx(os.path.join(folder, 'train-images-idx3-ubyte' + sfx), tr_x, gz)
+  write_idx(os.path.join(folder, 'train-labels-idx1-ubyte' + sfx), tr_y, gz)
+  write_idx(os.path.join(folder, 't10k-images-idx3-ubyte' + sfx), te_x, gz)
+  write_idx(os.path.join(folder, 't10k-labels-idx1-ubyte' + sfx), te_y, gz)
+  return folder
+
+
+@pytest.fixture(scope='session')
+def idx_dir(tmp_path_factory):
+  """700 train (100 validate, 600 train) and 230 test generated images."""
+  return write_idx_dataset(str(tmp_path_factory.mktemp('mnist_idx')))
+
+
+def tiny_config_for(idx_folder):
+  config = default.get_config()
+  config.data.source = 'idx'
+  config.data.dir = idx_folder
+  config.data.num_validation = 100
+  config.batch_size = 32
+  config.eval_batch_size = 64  # 100 and 230 are not multiples: padding is used
+  config.num_epochs = 2
+  config.log_every_steps = 5
+  config.checkpoint_every_steps = 10
+  return config
+
+
+@pytest.fixture
+def tiny_config(idx_dir):
+  """A fast config on the generated data: 600 train images, batch 32."""
+  return tiny_config_for(idx_dir)

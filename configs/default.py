@@ -54,10 +54,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.eval_every_epochs = 1  # Evaluate validation and test every N epochs (and at the end).
   config.log_every_steps = 50  # Write training scalars every N steps.
   config.steps_per_dispatch = 1  # Training steps per host call (lax.scan); 1 = one jit per step.
+  config.profile_steps = 0  # Trace N training steps with the JAX profiler into the workdir; 0 = off.
+  config.write_report = True  # After training, write <workdir>/report/ (plots + report.md).
 
   # --- Checkpoints ---
   config.checkpoint_every_steps = 500  # Save every N steps (and at the end).
   config.max_checkpoints_to_keep = 10  # Keep the last N checkpoints (tutorial: 10).
+  config.init_from = ''  # Fine-tune: start from the params of this workdir/checkpoint ('' = no).
+  config.eval_step = -1  # --mode eval: evaluate this step's checkpoint; -1 = the latest.
 
   if arg == 'smoke':
     config.num_train_steps = 300  # ~2.8 epochs: >= 98% test accuracy in a few minutes.

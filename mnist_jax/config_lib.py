@@ -44,6 +44,9 @@ def validate(config) -> None:
   check(config.get('dtype', 'float32') in DTYPES, 'dtype',
         f'use one of {DTYPES}.')
   check(config.data.num_validation > 0, 'data.num_validation', 'must be > 0.')
+  profile_steps = config.get('profile_steps', 0)
+  check(isinstance(profile_steps, int) and profile_steps >= 0, 'profile_steps',
+        'must be an integer >= 0 (0 = no profiler trace).')
 
 
 def validate_against_data(config, num_train: int) -> None:

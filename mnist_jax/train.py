@@ -40,6 +40,7 @@ from mnist_jax import config_lib
 from mnist_jax import input_pipeline
 from mnist_jax import metrics as metrics_lib
 from mnist_jax import models
+from mnist_jax.errors import UserError
 
 P = jax.sharding.PartitionSpec
 
@@ -97,8 +98,11 @@ def create_train_state(config, model, learning_rate_fn, rng=None) -> TrainState:
     rng = jax.random.fold_in(jax.random.key(config.seed), _INIT)
   dummy = jnp.zeros((1,) + input_pipeline.IMAGE_SHAPE, jnp.float32)
   params = model.init(rng, dummy, train=False)['params']
-  return TrainState.create(apply_fn=model.apply, params=params,
-                           tx=create_optimizer(config, learning_rate_fn))
+  state = TrainState.create(apply_fn=model.apply, params=params,
+                            tx=create_optimizer(config, learning_rate_fn))
+  # A strongly typed int32 step: a Python 0 would be weakly typed and the step
+  # function would compile a second time when it sees the int32 it returns.
+  return state.replace(step=jnp.zeros((), jnp.int32))
 
 
 # --------------------------------------------------------------------- steps
@@ -244,6 +248,12 @@ class Context:
   eval_fn: Callable[..., Any]
   eval_splits: dict[str, Any]  # device-resident padded validation/test
   rngs: dict[str, jax.Array]  # 'init', 'dropout', 'data'
+  # Written by hooks (the checkpoint hook): epoch records of earlier
+  # processes of a resumed run, the checkpoint errors should name, and a
+  # request to stop after the current dispatch (pre-emption).
+  history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+  last_good_checkpoint: str = ''
+  stop_requested: bool = False
 
 
 class Hook:
@@ -276,26 +286,8 @@ class Hook:
     pass
 
 
-class NonFiniteLossError(FloatingPointError):
-  """The training loss became NaN or infinite."""
-
-
-class _ProgressLine(Hook):
-  """Minimal live line on a terminal; silent otherwise."""
-
-  def __init__(self):
-    self.enabled = sys.stdout.isatty()
-
-  def on_metrics(self, ctx, first_step, metrics):
-    if self.enabled:
-      last = first_step + len(metrics.loss.total)
-      loss = float(metrics.loss.total[-1] / metrics.loss.count[-1])
-      print(f'\rstep {last}/{ctx.total_steps} loss {loss:.4f}', end='',
-            flush=True)
-
-  def on_epoch_end(self, ctx, epoch, step, state, record):
-    if self.enabled:
-      print('\r', end='')
+class NonFiniteLossError(UserError, FloatingPointError):
+  """The training loss became NaN or infinite (printed as one line)."""
 
 
 def _check_divisible(config, mesh):
@@ -319,8 +311,17 @@ def _chunk_length(config, step: int, epoch_end: int) -> int:
 
 def default_hooks(config) -> list[Hook]:
   """The hooks `train_and_evaluate` runs unless given others."""
-  del config
-  return [_ProgressLine()]
+  # Imported here: these modules build on this one (they subclass Hook).
+  from mnist_jax import progress, report, summaries  # pylint: disable=g-import-not-at-top
+  from mnist_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  # Checkpoints first: it may replace the state (resume) the others read.
+  hooks = [checkpointing.CheckpointHook(config), summaries.SummaryHook(),
+           progress.ProgressHook()]
+  if config.get('profile_steps', 0) > 0:
+    hooks.append(progress.ProfileHook(config.profile_steps))
+  if config.get('write_report', True):
+    hooks.append(report.ReportHook())  # After SummaryHook: reads its files.
+  return hooks
 
 
 def setup(config: ml_collections.ConfigDict, workdir: str) -> Context:
@@ -382,10 +383,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
              if k.startswith(('validation_', 'test_'))} if history else {}
     result = {'config': config.to_dict(), 'epochs': history, 'final': final,
               'step': int(state.step)}
-    with open(os.path.join(workdir, 'metrics.json'), 'w') as f:
-      json.dump(result, f, indent=1)
-    if final:
-      print(f"Final test accuracy: {final['test_accuracy']:.2%}", flush=True)
+    if ctx.stop_requested:  # pre-empted: saved by a hook, resumed on rerun
+      result.update(final={}, stopped_early=True)
+    else:
+      with open(os.path.join(workdir, 'metrics.json'), 'w') as f:
+        json.dump(result, f, indent=1)
+      if final:
+        print(f"Final test accuracy: {final['test_accuracy']:.2%}", flush=True)
   finally:
     for hook in hooks:
       hook.on_train_end(ctx, int(state.step) if result else -1, state, result)
@@ -405,7 +409,7 @@ def _train_loop(ctx: Context, state: TrainState, hooks: list[Hook]):
                         num_examples=num_train),
       out_shardings=jax.NamedSharding(ctx.mesh, P()))
 
-  history = []
+  history = list(ctx.history)
   step = int(state.step)
   while step < ctx.total_steps:
     epoch = step // ctx.steps_per_epoch
@@ -424,7 +428,8 @@ def _train_loop(ctx: Context, state: TrainState, hooks: list[Hook]):
           bad = start + 1 + int(np.argmin(np.isfinite(losses)))
           raise NonFiniteLossError(
               f'Training loss is {losses[bad - start - 1]} at step {bad}; '
-              'stopping (lower the learning rate?).')
+              'stopping (lower the learning rate?). Last good checkpoint: '
+              f'{ctx.last_good_checkpoint or "none"}.')
         for hook in hooks:
           hook.on_metrics(ctx, start, host)
         part = metrics_lib.merge_stacked(host)
@@ -438,6 +443,8 @@ def _train_loop(ctx: Context, state: TrainState, hooks: list[Hook]):
       step += n
       for hook in hooks:
         hook.on_steps(ctx, step, state)
+      if ctx.stop_requested:
+        return state, history
       drain(keep=1)  # the previous dispatch's metrics, while this one runs
     drain(keep=0)
     train_time = time.perf_counter() - t0

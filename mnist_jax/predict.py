@@ -1,0 +1,180 @@
+"""Prediction on your own digit images, and the batched forward pass.
+
+`load_digit(path)` converts any PNG or JPEG (any size, grayscale, RGB or with
+transparency) to what MNIST looks like, following MNIST's own preparation:
+
+1. Grayscale; transparent pixels are composited onto white (paper).
+2. Polarity: MNIST digits are white on black. The background brightness is
+   the median of the image's border (its outer 1/10 on each side; at least
+   one pixel). If it is lighter than mid-gray (> 127), the image is taken to
+   be a dark digit on light paper and is inverted.
+3. Contrast: the background level maps to 0 and the brightest ink to 255;
+   ink fainter than 10% of that is treated as background (noise, paper
+   texture).
+4. Size and position: the digit's bounding box is scaled (aspect ratio kept)
+   to fit 20x20 pixels and placed in the 28x28 field so that its centre of
+   mass is at the centre, as MNIST was made.
+
+An image with no ink after step 3 (blank) is rejected like an unreadable one.
+`predict(params, model, paths)` returns one `Prediction` per path; a file that
+cannot be read or used gets an `error` naming it and the others are still
+predicted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+from PIL import UnidentifiedImageError
+
+from mnist_jax import input_pipeline
+from mnist_jax.errors import UserError
+
+BORDER_FRACTION = 0.1
+INK_THRESHOLD = 0.1
+DIGIT_BOX = 20  # MNIST fits each digit in a 20x20 box inside 28x28.
+
+
+class ImageError(UserError):
+  """An image file that cannot be read or holds no digit."""
+
+
+@dataclasses.dataclass
+class Prediction:
+  """The result for one image: `digit` and `top3` [(digit, prob)], or `error`."""
+  path: str
+  digit: int | None = None
+  top3: list[tuple[int, float]] | None = None
+  error: str | None = None
+
+  def __str__(self) -> str:
+    if self.error:
+      return f'{self.path}: error: {self.error}'
+    top = ', '.join(f'{d}: {p:.1%}' for d, p in self.top3)
+    return f'{self.path}: {self.digit}  (top 3: {top})'
+
+
+def to_mnist(gray: np.ndarray) -> np.ndarray:
+  """Converts a 2-D grayscale array (any size, 0..255) to MNIST's form.
+
+  Args:
+    gray: [H, W] array, 0 = black.
+
+  Returns:
+    uint8 [28, 28], white digit on black, centred by its centre of mass.
+
+  Raises:
+    ImageError: the image holds no ink (blank or uniform).
+  """
+  gray = np.asarray(gray, np.float32)
+  h, w = gray.shape
+  b = max(1, int(round(min(h, w) * BORDER_FRACTION)))
+  border = np.concatenate([gray[:b].ravel(), gray[-b:].ravel(),
+                           gray[:, :b].ravel(), gray[:, -b:].ravel()])
+  background = float(np.median(border))
+  if background > 127:  # Dark digit on light paper: make it MNIST-like.
+    gray, background = 255.0 - gray, 255.0 - background
+  ink = np.clip(gray - background, 0, None)
+  peak = float(ink.max())
+  if peak <= 0:
+    raise ImageError('no digit found (the image is uniform)')
+  ink = ink / peak
+  ink[ink < INK_THRESHOLD] = 0
+  rows, cols = np.nonzero(ink)
+  ink = ink[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+  bh, bw = ink.shape
+  scale = DIGIT_BOX / max(bh, bw)
+  size = (max(1, round(bw * scale)), max(1, round(bh * scale)))  # (W, H)
+  small = np.asarray(Image.fromarray((ink * 255).astype(np.uint8)).resize(
+      size, Image.Resampling.LANCZOS), np.float32)
+  out = np.zeros((28, 28), np.float32)
+  sh, sw = small.shape
+  total = small.sum()
+  if total > 0:
+    cy = float((small.sum(1) * np.arange(sh)).sum() / total)
+    cx = float((small.sum(0) * np.arange(sw)).sum() / total)
+  else:
+    cy, cx = (sh - 1) / 2, (sw - 1) / 2
+  top = int(np.clip(round(13.5 - cy), 0, 28 - sh))
+  left = int(np.clip(round(13.5 - cx), 0, 28 - sw))
+  out[top:top + sh, left:left + sw] = small
+  return np.clip(out, 0, 255).astype(np.uint8)
+
+
+def load_digit(path: str) -> np.ndarray:
+  """Reads an image file and converts it with `to_mnist` (see module doc).
+
+  Raises:
+    ImageError: naming the file, if it cannot be read or holds no digit.
+  """
+  try:
+    with Image.open(path) as img:
+      img.load()
+      if img.mode in ('RGBA', 'LA', 'PA') or 'transparency' in img.info:
+        paper = Image.new('RGBA', img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(paper, img.convert('RGBA'))
+      gray = np.asarray(img.convert('L'))
+  except (OSError, UnidentifiedImageError, ValueError) as e:
+    raise ImageError(f'{path}: cannot read image ({e})') from e
+  try:
+    return to_mnist(gray)
+  except ImageError as e:
+    raise ImageError(f'{path}: {e}') from e
+
+
+@functools.lru_cache(maxsize=8)
+def _forward_fn(model):
+  return jax.jit(lambda params, images: model.apply(
+      {'params': params}, input_pipeline.normalize(images), train=False))
+
+
+def logits_of(model, params, images: np.ndarray,
+              batch_size: int = 1000) -> np.ndarray:
+  """Logits of uint8 images [N, 28, 28(, 1)] in batches, jitted.
+
+  The last batch is zero-padded so every batch has one shape (one compile).
+  """
+  images = np.asarray(images, np.uint8).reshape((-1,) + input_pipeline.IMAGE_SHAPE)
+  n = len(images)
+  batch_size = max(1, min(batch_size, n))
+  pad = -n % batch_size
+  images = np.concatenate(
+      [images, np.zeros((pad,) + images.shape[1:], np.uint8)])
+  fwd = _forward_fn(model)
+  out = [np.asarray(fwd(params, images[i:i + batch_size]))
+         for i in range(0, len(images), batch_size)]
+  return np.concatenate(out)[:n]
+
+
+def predict(params, model, image_paths) -> list[Prediction]:
+  """Predicts the digit in each image file.
+
+  Args:
+    params: the CNN's parameters.
+    model: the CNN (`models.create_model(config)`).
+    image_paths: PNG/JPEG files of any size and colour.
+
+  Returns:
+    One `Prediction` per path, in order; unreadable files carry `error`.
+  """
+  results = [Prediction(str(p)) for p in image_paths]
+  images, ok = [], []
+  for r in results:
+    try:
+      images.append(load_digit(r.path))
+      ok.append(r)
+    except ImageError as e:
+      r.error = str(e).removeprefix(f'{r.path}: ')
+  if images:
+    probs = np.asarray(jax.nn.softmax(jnp.asarray(
+        logits_of(model, params, np.stack(images))), axis=-1))
+    for r, p in zip(ok, probs):
+      top = np.argsort(-p)[:3]
+      r.digit = int(top[0])
+      r.top3 = [(int(d), float(p[d])) for d in top]
+  return results

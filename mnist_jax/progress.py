@@ -1,0 +1,149 @@
+"""Progress in the terminal and the logs, and an optional profiler trace.
+
+* `ProgressHook`: on a terminal, a live tqdm bar per epoch showing the epoch,
+  percent, current loss, images/s and the epoch's ETA (the tutorial's bar,
+  improved); when the output is not a terminal (CI, TPU logs, files), one plain
+  line every `config.log_every_steps` steps instead, with the run's ETA.
+  clu's `ReportProgress` also logs steps/s and the run's ETA (every minute).
+* `ProfileHook`: with `config.profile_steps > 0`, captures a JAX profiler
+  trace of that many training steps in the workdir (TensorBoard's Profile
+  tab: `<workdir>/plugins/profile/<run>/`).
+
+Both update from what the loop already hands them (host metrics of finished
+dispatches, the step count), so they add no device synchronisation per step.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from absl import logging
+from clu import periodic_actions
+import jax
+import tqdm
+
+from mnist_jax import train as train_lib
+
+
+def _format_secs(secs: float) -> str:
+  secs = int(round(secs))
+  return f'{secs // 3600}:{secs // 60 % 60:02d}:{secs % 60:02d}'
+
+
+class ProgressHook(train_lib.Hook):
+  """A live bar per epoch on a terminal; plain periodic lines otherwise.
+
+  Args:
+    stream: where to write (default sys.stderr, as tqdm); whether it is a
+      terminal is decided by `stream.isatty()`.
+    report_every_secs: how often clu's `ReportProgress` logs steps/s and ETA.
+  """
+
+  def __init__(self, stream=None, report_every_secs: float = 60.0):
+    self.stream = sys.stderr if stream is None else stream
+    self.report_every_secs = report_every_secs
+    self.is_tty = bool(getattr(self.stream, 'isatty', lambda: False)())
+    self._bar = None
+    self._report = None
+    self._t0 = self._step0 = None  # Start of the non-TTY rate measurement.
+
+  def on_train_start(self, ctx, state):
+    self._report = periodic_actions.ReportProgress(
+        num_train_steps=ctx.total_steps, every_secs=self.report_every_secs)
+    self._step0 = None
+    return state
+
+  def on_steps(self, ctx, step, state):
+    if self._report is not None:
+      self._report(step)  # Host-side timing only; never blocks on the device.
+
+  def on_metrics(self, ctx, first_step, metrics):
+    n = len(metrics.loss.total)
+    last = first_step + n
+    loss = float(metrics.loss.total[-1] / metrics.loss.count[-1])
+    spe, bs = ctx.steps_per_epoch, ctx.config.batch_size
+    epoch = first_step // spe + 1
+    epoch_end = min(epoch * spe, ctx.total_steps)
+    num_epochs = -(-ctx.total_steps // spe)
+    if self.is_tty:
+      if self._bar is None:
+        self._bar = tqdm.tqdm(
+            total=(epoch_end - (epoch - 1) * spe) * bs,
+            initial=(first_step - (epoch - 1) * spe) * bs,
+            desc=f'Epoch {epoch}/{num_epochs}', unit='img', unit_scale=True,
+            file=self.stream, leave=True, dynamic_ncols=True)
+      self._bar.set_postfix(loss=f'{loss:.4f}', refresh=False)
+      self._bar.update(n * bs)
+      if last >= epoch_end:  # Closed before the loop prints the epoch line.
+        self._bar.close()
+        self._bar = None
+      return
+    self._plain_line(ctx, first_step, last, loss, epoch, num_epochs)
+
+  def _plain_line(self, ctx, first_step, last, loss, epoch, num_epochs):
+    """One line per `log_every_steps` boundary crossed by this dispatch."""
+    if self._step0 is None or first_step % ctx.steps_per_epoch == 0:
+      # The rate is measured from the end of each epoch's first dispatch, so
+      # neither compilation nor the epoch-end evaluation counts as training.
+      self._t0, self._step0 = time.perf_counter(), last
+      return
+    every = ctx.config.log_every_steps
+    if last // every == first_step // every and last != ctx.total_steps:
+      return
+    now = time.perf_counter()
+    steps_per_sec = (last - self._step0) / max(now - self._t0, 1e-9)
+    eta = (ctx.total_steps - last) / max(steps_per_sec, 1e-9)
+    print(f'Epoch {epoch}/{num_epochs} step {last}/{ctx.total_steps} '
+          f'({last / ctx.total_steps:.0%}) loss {loss:.4f} '
+          f'{steps_per_sec * ctx.config.batch_size:.0f} img/s '
+          f'ETA {_format_secs(eta)}', file=self.stream, flush=True)
+
+  def on_train_end(self, ctx, step, state, result):
+    if self._bar is not None:
+      self._bar.close()
+      self._bar = None
+
+
+class ProfileHook(train_lib.Hook):
+  """Traces `num_steps` training steps with the JAX profiler into `workdir`.
+
+  The trace starts at the first dispatch ending at or after `first_step`
+  (after compilation, which would otherwise dominate it) and stops once
+  `num_steps` more steps have been dispatched; only then does it wait for the
+  device, once, so the trace holds the work it dispatched.
+  """
+
+  def __init__(self, num_steps: int, first_step: int = 5):
+    self.num_steps = num_steps
+    self.first_step = first_step
+    self.logdir = None
+    self._started_at = None
+    self._done = False
+
+  def on_train_start(self, ctx, state):
+    self.logdir = ctx.workdir
+    start = int(state.step)
+    # Short runs: start early enough to trace `num_steps` steps before the end.
+    self._first = start + max(
+        min(self.first_step, ctx.total_steps - start - self.num_steps), 1)
+    return state
+
+  def on_steps(self, ctx, step, state):
+    if self._started_at is None:
+      if not self._done and step >= self._first:
+        jax.profiler.start_trace(self.logdir)
+        self._started_at = step
+    elif step >= self._started_at + self.num_steps:
+      self._stop(state)
+
+  def _stop(self, state):
+    jax.block_until_ready(state)
+    jax.profiler.stop_trace()
+    logging.info('Profiler trace of steps %d.. written.', self._started_at)
+    self._started_at = None
+    self._done = True
+
+  def on_train_end(self, ctx, step, state, result):
+    if self._started_at is not None:
+      self._stop(state)

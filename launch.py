@@ -3,8 +3,14 @@ r"""Trains and evaluates mnist_jax; a thin entry point over the library.
   python launch.py --config configs/default.py --workdir runs/default
   python launch.py --config configs/default.py:smoke --config.batch_size=128
 
+  python launch.py --config configs/default.py --workdir runs/default --mode eval
+  python launch.py --config configs/default.py --workdir runs/default --mode info
+  python launch.py --config configs/default.py --workdir runs/default \
+      --mode predict --image digit.png [more.jpg ...]
+
 Bad input (config, data, checkpoints) is reported as one line, `Error: ...`,
-with exit status 2.
+with exit status 2. A run pre-empted by SIGTERM saves a checkpoint and exits
+with status 143; the same command resumes it.
 """
 
 import os
@@ -25,6 +31,19 @@ config_flags.DEFINE_config_file(
 flags.DEFINE_string(
     'workdir', None, 'Where checkpoints, summaries and metrics go. Default: '
     'runs/<config file name>[_<config arg>].')
+flags.DEFINE_bool(
+    'sweep', False, "Run the config file's sweep (its get_sweep()): every "
+    'point in <workdir>/<its overrides>; re-running skips finished points.')
+flags.DEFINE_integer('sweep_parallel', 1,
+                     'With --sweep: how many points run at once (processes).')
+flags.DEFINE_enum(
+    'mode', 'train', ['train', 'eval', 'info', 'predict'],
+    'train: train (resuming from <workdir>/checkpoints if any); eval: '
+    'evaluate the latest (or --config.eval_step) checkpoint; info: list the '
+    'checkpoints; predict: classify --image files with the latest checkpoint.')
+flags.DEFINE_multi_string(
+    'image', [], 'With --mode predict: PNG/JPEG digit images; more may follow '
+    'as plain arguments (--image a.png b.jpg).')
 flags.mark_flags_as_required(['config'])
 
 
@@ -35,7 +54,7 @@ def default_workdir(config_path: str) -> str:
 
 
 def main(argv):
-  if len(argv) > 1:
+  if len(argv) > 1 and FLAGS.mode != 'predict':
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   import jax  # pylint: disable=g-import-not-at-top
   from mnist_jax import tf_setup, train  # pylint: disable=g-import-not-at-top
@@ -46,7 +65,27 @@ def main(argv):
                jax.process_count(), jax.local_devices())
   logging.info('Workdir: %s', workdir)
   try:
-    train.train_and_evaluate(FLAGS.config, workdir)
+    if FLAGS.sweep:
+      from mnist_jax import sweep_run  # pylint: disable=g-import-not-at-top
+      sys.exit(sweep_run.run_from_file(flags.FLAGS['config'].config_filename,
+                                       FLAGS.config, workdir,
+                                       parallel=FLAGS.sweep_parallel))
+    if FLAGS.sweep_parallel != 1:
+      raise UserError('--sweep_parallel needs --sweep.')
+    if FLAGS.mode == 'predict':
+      from mnist_jax import predict  # pylint: disable=g-import-not-at-top
+      sys.exit(predict.run(FLAGS.config, workdir, FLAGS.image + argv[1:]))
+    if FLAGS.mode != 'train':
+      from mnist_jax import checkpoint_tools  # pylint: disable=g-import-not-at-top
+      if FLAGS.mode == 'eval':
+        checkpoint_tools.evaluate_checkpoint(FLAGS.config, workdir)
+      else:
+        checkpoint_tools.print_checkpoints(workdir)
+      return
+    result = train.train_and_evaluate(FLAGS.config, workdir)
+    if result and result.get('stopped_early'):  # pre-empted, state saved
+      from mnist_jax import checkpointing  # pylint: disable=g-import-not-at-top
+      sys.exit(checkpointing.EXIT_PREEMPTED)
   except UserError as e:
     print(f'Error: {e}', file=sys.stderr, flush=True)
     sys.exit(2)

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +35,7 @@ from PIL import Image
 from PIL import UnidentifiedImageError
 
 from mnist_jax import input_pipeline
+from mnist_jax import models
 from mnist_jax.errors import UserError
 
 BORDER_FRACTION = 0.1
@@ -178,3 +181,64 @@ def predict(params, model, image_paths) -> list[Prediction]:
       r.digit = int(top[0])
       r.top3 = [(int(d), float(p[d])) for d in top]
   return results
+
+
+def restore_params(config, workdir: str):
+  """Parameters of the latest readable checkpoint of `workdir`.
+
+  Returns:
+    (step, params) on the first local device.
+
+  Raises:
+    checkpointing.CheckpointError: no (readable, fitting) checkpoint.
+  """
+  # Imported here so that image conversion and `predict` need no orbax.
+  from mnist_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  directory = checkpointing.checkpoint_dir(workdir)
+  if not os.path.isdir(directory):
+    raise checkpointing.CheckpointError(
+        f'no checkpoints in {directory}; train first, or pass the --workdir '
+        'of a training run.')
+  model = models.create_model(config)
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  shapes = jax.eval_shape(lambda: model.init(
+      jax.random.key(0), jnp.zeros((1,) + input_pipeline.IMAGE_SHAPE),
+      train=False)['params'])
+  abstract = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+      shapes)
+  manager = checkpointing.create_manager(directory, read_only=True)
+  try:
+    step, params, _ = checkpointing.restore_params(manager, abstract)
+  finally:
+    manager.close()
+  return step, params
+
+
+def run(config, workdir: str, image_paths, out=None, err=None) -> int:
+  """`launch.py --mode predict`: restores the model, prints a line per image.
+
+  Args:
+    config: the run's config (the model's shape).
+    workdir: the training run's workdir (its latest checkpoint is used).
+    image_paths: the images to classify.
+    out: stream for the predictions (default stdout).
+    err: stream for per-image errors (default stderr).
+
+  Returns:
+    0 if every image was predicted, 2 if any could not be read.
+  """
+  out = sys.stdout if out is None else out
+  err = sys.stderr if err is None else err
+  if not image_paths:
+    raise UserError('--mode predict needs images: --image a.png [b.jpg ...].')
+  step, params = restore_params(config, workdir)
+  print(f'Model: {workdir} step {step}', file=out)
+  failed = 0
+  for p in predict(params, models.create_model(config), image_paths):
+    if p.error:
+      failed += 1
+      print(f'Error: {p.path}: {p.error}', file=err, flush=True)
+    else:
+      print(p, file=out, flush=True)
+  return 2 if failed else 0

@@ -8,8 +8,8 @@
     dropout3 (keep_prob, training)   [B,1,1,1024]
     fc4    10@1x1, no activation     [B,1,1,10]  -> squeezed to logits [B,10]
 
-Every layer's output is sown into the 'intermediates' collection under its
-end-point name (the tutorial's `end_points`). `sow` stores nothing unless the
+Every layer's output is sown into the 'intermediates' collection as a dict
+`end_points` keyed by layer name (the tutorial's `end_points`). `sow` stores nothing unless the
 caller asks for the collection (`mutable=['intermediates']`), so the end points
 cost nothing in normal training steps.
 
@@ -98,21 +98,19 @@ class CNN(nn.Module):
     pool = (ops.reference_max_pool_2x2 if self.lowering == 'reference'
             else ops.max_pool_2x2)
 
-    x = conv(32, 5, 'SAME', nn.relu, 'conv1')(x)
-    self.sow('intermediates', 'conv1', x)
-    x = pool(x)
-    self.sow('intermediates', 'pool1', x)
-    x = conv(64, 5, 'SAME', nn.relu, 'conv2')(x)
-    self.sow('intermediates', 'conv2', x)
-    x = pool(x)
-    self.sow('intermediates', 'pool2', x)
-    x = conv(1024, x.shape[1], 'VALID', nn.relu, 'fc3')(x)
-    self.sow('intermediates', 'fc3', x)
-    x = nn.Dropout(rate=1.0 - self.dropout_keep_prob, deterministic=not train,
-                   name='dropout3')(x)
-    self.sow('intermediates', 'dropout3', x)
-    x = conv(self.num_classes, 1, 'VALID', None, 'fc4')(x)
-    self.sow('intermediates', 'fc4', x)
+    points = {}
+    x = points['conv1'] = conv(32, 5, 'SAME', nn.relu, 'conv1')(x)
+    x = points['pool1'] = pool(x)
+    x = points['conv2'] = conv(64, 5, 'SAME', nn.relu, 'conv2')(x)
+    x = points['pool2'] = pool(x)
+    x = points['fc3'] = conv(1024, x.shape[1], 'VALID', nn.relu, 'fc3')(x)
+    x = points['dropout3'] = nn.Dropout(
+        rate=1.0 - self.dropout_keep_prob, deterministic=not train,
+        name='dropout3')(x)
+    x = points['fc4'] = conv(self.num_classes, 1, 'VALID', None, 'fc4')(x)
+    # One sow of all end points; nothing is stored unless the caller makes
+    # 'intermediates' mutable, and unused values are dead code to XLA.
+    self.sow('intermediates', 'end_points', points)
     return jnp.squeeze(x, axis=(1, 2)).astype(jnp.float32)
 
 
@@ -128,5 +126,4 @@ def end_points(model: CNN, variables, images, *, train=False, rngs=None):
   """Runs the model and returns (logits, {end point name: activation})."""
   logits, state = model.apply(variables, images, train=train, rngs=rngs,
                               mutable=['intermediates'])
-  inter = state['intermediates']
-  return logits, {name: inter[name][0] for name in END_POINTS}
+  return logits, dict(state['intermediates']['end_points'][0])

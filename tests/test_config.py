@@ -1,0 +1,61 @@
+"""Invalid configs are rejected before any work, with a clear message."""
+
+import pytest
+
+from configs import default
+from mnist_jax import config_lib
+from mnist_jax import train
+from mnist_jax.errors import ConfigError
+
+
+def test_default_config_has_the_tutorials_values():
+  c = default.get_config()
+  assert (c.batch_size, c.initial_learning_rate, c.learning_rate_decay_factor,
+          c.num_epochs_per_decay, c.weight_decay, c.dropout_keep_prob,
+          c.num_classes) == (512, 0.001, 0.95, 1, 0.0005, 0.5, 10)
+  config_lib.validate(c)
+  smoke = default.get_config('smoke')
+  config_lib.validate(smoke)
+  assert 100 <= smoke.num_train_steps <= 500
+
+
+def test_unknown_config_arg():
+  with pytest.raises(ValueError, match='smoke'):
+    default.get_config('smok')
+
+
+@pytest.mark.parametrize('field,value,message', [
+    ('batch_size', 0, 'batch_size=0: must be a positive integer'),
+    ('batch_size', -4, 'positive integer'),
+    ('num_epochs', 0, 'num_epochs=0'),
+    ('initial_learning_rate', 0.0, 'initial_learning_rate'),
+    ('initial_learning_rate', -1e-3, 'must be > 0'),
+    ('learning_rate_decay_factor', 0.0, r'\(0, 1\]'),
+    ('learning_rate_decay_factor', 1.5, r'\(0, 1\]'),
+    ('dropout_keep_prob', 0.0, 'dropout_keep_prob'),
+    ('dropout_keep_prob', 1.2, r'\(0, 1\]'),
+    ('num_train_steps', 0, 'num_train_steps'),
+    ('data.source', 'csv', 'unknown data source'),
+    ('lowering', 'magic', 'lowering'),
+    ('dtype', 'float8', 'dtype'),
+])
+def test_invalid_values_rejected(field, value, message):
+  c = default.get_config()
+  node = c
+  *parents, leaf = field.split('.')
+  for p in parents:
+    node = node[p]
+  node[leaf] = value
+  with pytest.raises(ConfigError, match=message):
+    config_lib.validate(c)
+
+
+def test_batch_larger_than_training_split_rejected_before_training(
+    tiny_config, monkeypatch):
+  tiny_config.batch_size = 1024  # the generated training split has 600
+  called = []
+  monkeypatch.setattr(train, 'create_train_state',
+                      lambda *a, **k: called.append(1))
+  with pytest.raises(ConfigError, match='larger than the training split'):
+    train.train_and_evaluate(tiny_config, '/tmp/unused_workdir_bad_batch')
+  assert not called

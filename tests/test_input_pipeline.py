@@ -1,0 +1,128 @@
+"""MNIST input: both sources, the tutorial's split, data order, exact eval."""
+
+import gzip
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import make_digits, write_idx_dataset
+from mnist_jax import input_pipeline
+from mnist_jax import models
+from mnist_jax import train
+from mnist_jax.errors import DataError
+
+
+@pytest.mark.parametrize('gz', [True, False])
+def test_idx_source_split_sizes_and_order(tmp_path, tiny_config, gz):
+  folder = write_idx_dataset(str(tmp_path), num_train=700, num_test=230, gz=gz)
+  tiny_config.data.dir = folder
+  data = input_pipeline.load(tiny_config)
+  assert (len(data.train), len(data.validation), len(data.test)) == (600, 100,
+                                                                     230)
+  images, labels = make_digits(700, 0)
+  # The *first* num_validation images validate, the rest train (tutorial).
+  np.testing.assert_array_equal(data.validation.images[..., 0], images[:100])
+  np.testing.assert_array_equal(data.train.labels, labels[100:])
+  assert data.train.images.dtype == np.uint8
+  assert data.train.images.shape[1:] == (28, 28, 1)
+  assert data.train.labels.dtype == np.int32
+
+
+def test_tfds_source_on_mock_data(tiny_config):
+  tfds = pytest.importorskip('tensorflow_datasets')
+  tiny_config.data.source = 'tfds'
+  tiny_config.data.dir = ''
+  tiny_config.data.num_validation = 20
+  with tfds.testing.mock_data(num_examples=70):
+    data = input_pipeline.load(tiny_config)
+  assert (len(data.train), len(data.validation), len(data.test)) == (50, 20, 70)
+  assert data.train.images.shape == (50, 28, 28, 1)
+  assert data.train.images.dtype == np.uint8
+  assert data.test.labels.dtype == np.int32
+
+
+def test_normalize_to_unit_interval():
+  x = np.array([0, 128, 255], np.uint8)
+  np.testing.assert_allclose(input_pipeline.normalize(x), [0, 128 / 255, 1],
+                             rtol=1e-6)
+
+
+def test_epoch_permutations_deterministic_and_differ_across_epochs():
+  rng = jax.random.key(0)
+  p0 = np.asarray(input_pipeline.epoch_permutation(rng, 0, 1000))
+  p0b = np.asarray(input_pipeline.epoch_permutation(jax.random.key(0), 0, 1000))
+  p1 = np.asarray(input_pipeline.epoch_permutation(rng, 1, 1000))
+  other_seed = np.asarray(
+      input_pipeline.epoch_permutation(jax.random.key(1), 0, 1000))
+  np.testing.assert_array_equal(p0, p0b)
+  assert sorted(p0) == list(range(1000)) and sorted(p1) == list(range(1000))
+  assert not np.array_equal(p0, p1)
+  assert not np.array_equal(p0, other_seed)
+
+
+def test_evaluation_counts_every_example_exactly_once(tiny_config):
+  """230 test images with eval batches of 64: padding is masked out."""
+  data = input_pipeline.load(tiny_config)
+  mesh = train.create_mesh()
+  model = models.create_model(tiny_config)
+  params = model.init(jax.random.key(0), data.test.images[:1] / 255.0,
+                      train=False)['params']
+  split = train.device_eval_split(data.test, 64, mesh)
+  assert split['image'].shape[:2] == (4, 64)
+  metrics = jax.device_get(train.make_eval_fn(model, mesh)(params, split))
+  assert int(metrics.accuracy.count) == 230
+  assert int(metrics.loss.count) == 230
+  logits = model.apply({'params': params}, data.test.images / 255.0,
+                       train=False)
+  expected = np.mean(np.argmax(logits, -1) == data.test.labels)
+  np.testing.assert_allclose(float(metrics.accuracy.compute()), expected,
+                             rtol=1e-6)
+
+
+def test_missing_idx_folder_clear_error(tmp_path, tiny_config):
+  tiny_config.data.dir = str(tmp_path / 'nothing_here')
+  with pytest.raises(DataError, match='train-images-idx3-ubyte.*TFDS_DATA_DIR'):
+    input_pipeline.load(tiny_config)
+
+
+def test_idx_without_dir_clear_error(tiny_config):
+  tiny_config.data.dir = ''
+  with pytest.raises(DataError, match='data.dir'):
+    input_pipeline.load(tiny_config)
+
+
+def test_missing_tfds_data_clear_error(tmp_path, tiny_config, monkeypatch):
+  monkeypatch.delenv('TFDS_DATA_DIR', raising=False)
+  tiny_config.data.source = 'tfds'
+  tiny_config.data.dir = str(tmp_path / 'no_tfds')
+  with pytest.raises(DataError, match='TFDS_DATA_DIR'):
+    input_pipeline.load(tiny_config)
+
+
+@pytest.mark.parametrize('damage', ['truncate_gz', 'truncate_raw', 'bad_magic'])
+def test_corrupt_idx_file_error_names_the_file(tmp_path, tiny_config, damage):
+  gz = damage != 'truncate_raw'
+  folder = write_idx_dataset(str(tmp_path), gz=gz)
+  name = 't10k-images-idx3-ubyte' + ('.gz' if gz else '')
+  path = os.path.join(folder, name)
+  if damage == 'bad_magic':
+    with gzip.open(path, 'rb') as f:
+      raw = bytearray(f.read())
+    raw[3] = 7
+    with gzip.open(path, 'wb') as f:
+      f.write(bytes(raw))
+  else:
+    size = os.path.getsize(path)
+    with open(path, 'r+b') as f:
+      f.truncate(size // 2)
+  tiny_config.data.dir = folder
+  with pytest.raises(DataError, match=name):
+    input_pipeline.load(tiny_config)
+
+
+def test_unknown_source_rejected(tiny_config):
+  tiny_config.data.source = 'csv'
+  with pytest.raises(DataError, match="Unknown data source 'csv'"):
+    input_pipeline.load(tiny_config)

@@ -1,0 +1,70 @@
+"""launch.py end to end, in a subprocess, with command-line overrides."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+from mnist_jax import train
+
+
+def _launch(args, timeout=240):
+  env = dict(os.environ, PYTHONUNBUFFERED='1')
+  return subprocess.run([sys.executable, os.path.join(ROOT, 'launch.py'),
+                         *args], capture_output=True, text=True, cwd=ROOT,
+                        env=env, timeout=timeout)
+
+
+def test_launch_trains_with_overrides(idx_dir, tmp_path):
+  workdir = str(tmp_path / 'run')
+  proc = _launch([
+      '--config', os.path.join(ROOT, 'configs/default.py'),
+      '--workdir', workdir, '--config.data.source=idx',
+      f'--config.data.dir={idx_dir}', '--config.data.num_validation=100',
+      '--config.batch_size=32', '--config.eval_batch_size=50',
+      '--config.num_epochs=2', '--config.num_train_steps=30',
+      '--config.initial_learning_rate=0.002'])
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = proc.stdout
+  assert 'Epoch   1 step     18' in out and 'Epoch   2 step     30' in out
+  final = [l for l in out.splitlines() if l.startswith('Final test accuracy:')]
+  assert len(final) == 1 and final[0].endswith('%')
+  with open(os.path.join(workdir, 'metrics.json')) as f:
+    metrics = json.load(f)
+  assert metrics['config']['batch_size'] == 32
+  assert metrics['config']['initial_learning_rate'] == 0.002
+  assert metrics['step'] == 30 and len(metrics['epochs']) == 2
+  acc = metrics['final']['test_accuracy']
+  assert final[0] == f'Final test accuracy: {acc:.2%}'
+  assert acc > 0.5  # the generated digits are easy
+
+
+def test_launch_bad_config_is_one_clear_line(tmp_path):
+  proc = _launch(['--config', os.path.join(ROOT, 'configs/default.py'),
+                  '--workdir', str(tmp_path / 'x'), '--config.batch_size=0'])
+  assert proc.returncode == 2
+  assert 'Error: config.batch_size=0: must be a positive integer' in proc.stderr
+  assert 'Traceback' not in proc.stderr
+
+
+def test_launch_missing_data_is_one_clear_line(tmp_path):
+  proc = _launch(['--config', os.path.join(ROOT, 'configs/default.py'),
+                  '--workdir', str(tmp_path / 'x'), '--config.data.source=idx',
+                  f'--config.data.dir={tmp_path}/nowhere'])
+  assert proc.returncode == 2
+  assert 'Error: IDX file' in proc.stderr and 'Traceback' not in proc.stderr
+
+
+def test_train_and_evaluate_on_tfds_mock_data(tiny_config, tmp_path):
+  tfds = pytest.importorskip('tensorflow_datasets')
+  tiny_config.data.source = 'tfds'
+  tiny_config.data.num_validation = 40
+  tiny_config.num_epochs = 1
+  tiny_config.num_train_steps = 4
+  with tfds.testing.mock_data(num_examples=200):
+    result = train.train_and_evaluate(tiny_config, str(tmp_path))
+  assert result['step'] == 4
+  assert 0.0 <= result['final']['test_accuracy'] <= 1.0

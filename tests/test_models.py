@@ -1,0 +1,123 @@
+"""The network reproduces the tutorial's architecture exactly."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mnist_jax import models
+
+EXPECTED_SHAPES = {
+    'conv1': (3, 28, 28, 32), 'pool1': (3, 14, 14, 32),
+    'conv2': (3, 14, 14, 64), 'pool2': (3, 7, 7, 64),
+    'fc3': (3, 1, 1, 1024), 'dropout3': (3, 1, 1, 1024), 'fc4': (3, 1, 1, 10),
+}
+
+
+def _init(model=None, seed=0):
+  model = model or models.CNN()
+  x = jnp.zeros((1, 28, 28, 1))
+  return model, model.init(jax.random.key(seed), x, train=False)
+
+
+def test_exact_parameter_count_and_shapes():
+  _, variables = _init()
+  params = variables['params']
+  count = sum(x.size for x in jax.tree.leaves(params))
+  assert count == 3_274_634
+  shapes = jax.tree.map(lambda x: x.shape, params)
+  assert shapes == {
+      'conv1': {'kernel': (5, 5, 1, 32), 'bias': (32,)},
+      'conv2': {'kernel': (5, 5, 32, 64), 'bias': (64,)},
+      'fc3': {'kernel': (7, 7, 64, 1024), 'bias': (1024,)},
+      'fc4': {'kernel': (1, 1, 1024, 10), 'bias': (10,)},
+  }
+
+
+def test_end_points_names_and_shapes():
+  model, variables = _init()
+  x = jax.random.uniform(jax.random.key(1), (3, 28, 28, 1))
+  logits, points = models.end_points(model, variables, x)
+  assert logits.shape == (3, 10)
+  assert {k: v.shape for k, v in points.items()} == EXPECTED_SHAPES
+  np.testing.assert_allclose(points['fc4'][:, 0, 0], logits, rtol=1e-6)
+
+
+def test_end_points_not_stored_when_not_requested():
+  model, variables = _init()
+  out = model.apply(variables, jnp.zeros((2, 28, 28, 1)), train=False)
+  assert isinstance(out, jax.Array) and out.shape == (2, 10)
+
+
+def test_initialisation_variance_scaling_fan_avg_and_zero_bias():
+  _, variables = _init(seed=3)
+  params = variables['params']
+  kernel = np.asarray(params['fc3']['kernel'])
+  fan_avg = (7 * 7 * 64 + 7 * 7 * 1024) / 2
+  assert abs(kernel.std() / np.sqrt(1.0 / fan_avg) - 1) < 0.02
+  # Truncated normal: nothing beyond 2 standard deviations of the base normal.
+  assert np.abs(kernel).max() <= 2 * np.sqrt(1.0 / fan_avg) / 0.8796 + 1e-6
+  for layer in params.values():
+    assert not np.any(np.asarray(layer['bias']))
+
+
+def test_num_classes_and_keep_prob_from_config(tiny_config):
+  tiny_config.num_classes = 7
+  tiny_config.dropout_keep_prob = 0.8
+  model = models.create_model(tiny_config)
+  assert (model.num_classes, model.dropout_keep_prob) == (7, 0.8)
+  _, variables = _init(model)
+  assert variables['params']['fc4']['kernel'].shape == (1, 1, 1024, 7)
+
+
+def test_dropout_only_in_training():
+  model, variables = _init()
+  x = jax.random.uniform(jax.random.key(2), (4, 28, 28, 1))
+  a = model.apply(variables, x, train=False)
+  b = model.apply(variables, x, train=False)
+  np.testing.assert_array_equal(a, b)
+  t1 = model.apply(variables, x, train=True, rngs={'dropout': jax.random.key(0)})
+  t2 = model.apply(variables, x, train=True, rngs={'dropout': jax.random.key(1)})
+  assert not np.allclose(t1, t2)
+  assert not np.allclose(t1, a)
+  _, points = models.end_points(model, variables, x, train=True,
+                                rngs={'dropout': jax.random.key(0)})
+  kept = np.asarray(points['dropout3'] != 0).mean() / max(
+      np.asarray(points['fc3'] != 0).mean(), 1e-9)
+  assert 0.35 < kept < 0.65  # keep_prob 0.5 of the active units
+  # keep_prob = 1 disables dropout even in training.
+  no_drop = models.CNN(dropout_keep_prob=1.0)
+  np.testing.assert_allclose(
+      no_drop.apply(variables, x, train=True, rngs={'dropout': jax.random.key(0)}),
+      a, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('lowering', ['fast', 'reference'])
+def test_forward_equals_tf_keras(lowering):
+  """Same weights in a tf.keras model: proves SAME/VALID/layout semantics."""
+  os.environ.setdefault('KERAS_BACKEND', 'tensorflow')
+  tf = pytest.importorskip('tensorflow')
+  tf.config.set_visible_devices([], 'GPU')
+  keras = tf.keras
+  model, variables = _init(models.CNN(lowering=lowering), seed=5)
+  params = jax.tree.map(np.asarray, variables['params'])
+  keras_model = keras.Sequential([
+      keras.Input((28, 28, 1)),
+      keras.layers.Conv2D(32, 5, padding='same', activation='relu'),
+      keras.layers.MaxPooling2D(2, 2),
+      keras.layers.Conv2D(64, 5, padding='same', activation='relu'),
+      keras.layers.MaxPooling2D(2, 2),
+      keras.layers.Conv2D(1024, 7, padding='valid', activation='relu'),
+      keras.layers.Dropout(0.5),
+      keras.layers.Conv2D(10, 1),
+      keras.layers.Reshape((10,)),
+  ])
+  convs = [l for l in keras_model.layers if isinstance(l, keras.layers.Conv2D)]
+  for layer, name in zip(convs, ('conv1', 'conv2', 'fc3', 'fc4')):
+    layer.set_weights([params[name]['kernel'], params[name]['bias']])
+  x = np.random.default_rng(0).random((8, 28, 28, 1)).astype(np.float32)
+  expected = keras_model(x, training=False).numpy()
+  got = np.asarray(model.apply(variables, x, train=False))
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)

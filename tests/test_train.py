@@ -1,0 +1,131 @@
+"""Training math and the pure, compile-once steps."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from configs import default
+from mnist_jax import input_pipeline
+from mnist_jax import models
+from mnist_jax import train
+
+
+def test_learning_rate_schedule_staircase():
+  config = default.get_config()
+  lr = train.create_learning_rate_fn(config, num_train=55_000)
+  assert int(55_000 / 512 * 1.0) == 107
+  for step, expected in ((0, 1e-3), (106, 1e-3), (107, 9.5e-4),
+                         (213, 9.5e-4), (214, 9.025e-4)):
+    np.testing.assert_allclose(float(lr(step)), expected, rtol=1e-6)
+
+
+def _state(config, seed=0):
+  model = models.create_model(config)
+  lr = train.create_learning_rate_fn(config, num_train=600)
+  return model, lr, train.create_train_state(config, model, lr,
+                                             jax.random.key(seed))
+
+
+def test_l2_touches_kernels_only_and_equals_tutorial_term():
+  config = default.get_config()
+  _, _, state = _state(config)
+  params = state.params
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  l2 = optax.add_decayed_weights(config.weight_decay, mask=train.kernel_mask)
+  got, _ = l2.update(zeros, l2.init(params), params)
+
+  def tutorial_term(p):  # 0.0005 * sum(w**2) / 2 over conv kernels
+    return sum(config.weight_decay * jnp.sum(layer['kernel'] ** 2) / 2
+               for layer in p.values())
+
+  expected = jax.grad(tutorial_term)(params)
+  for name in params:
+    np.testing.assert_allclose(got[name]['kernel'], expected[name]['kernel'],
+                               rtol=1e-6, atol=1e-12)
+    assert not np.any(np.asarray(got[name]['bias']))
+    assert np.any(np.asarray(got[name]['kernel']))
+  # The full chain is Adam applied to (gradient + L2 gradient), not AdamW.
+  grads = jax.tree.map(lambda p: jnp.full_like(p, 0.01), params)
+  tx = train.create_optimizer(config, 1e-3)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  adam = optax.adam(1e-3)
+  combined = jax.tree.map(jnp.add, grads, expected)
+  manual, _ = adam.update(combined, adam.init(params), params)
+  for a, b in zip(jax.tree.leaves(updates), jax.tree.leaves(manual)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-9)
+
+
+def _batch(n=16, seed=0):
+  images, labels = __import__('conftest').make_digits(n, seed)
+  return {'image': jnp.asarray(images[..., None] / 255.0, jnp.float32),
+          'label': jnp.asarray(labels, jnp.int32)}
+
+
+def test_train_step_is_pure_and_compiles_once():
+  config = default.get_config()
+  _, lr, state = _state(config)
+  step = jax.jit(functools.partial(train.train_step, learning_rate_fn=lr))
+  rng = jax.random.key(0)
+  batch = _batch()
+  s1, m1 = step(state, batch, rng)
+  s1b, m1b = step(state, batch, rng)
+  for a, b in zip(jax.tree.leaves((s1, m1)), jax.tree.leaves((s1b, m1b))):
+    np.testing.assert_array_equal(a, b)
+  s = s1
+  for i in range(3):
+    s, _ = step(s, _batch(seed=i + 1), rng)
+  assert step._cache_size() == 1
+  assert int(s.step) == 4
+  # The dropout mask depends on the step: a different step gives other outputs.
+  other = s1.replace(step=state.step + 5)
+  s2, _ = step(other.replace(params=state.params, opt_state=state.opt_state),
+               batch, rng)
+  assert not np.array_equal(np.asarray(s2.params['fc3']['kernel']),
+                            np.asarray(s1.params['fc3']['kernel']))
+
+
+def test_loss_falls_on_a_fixed_batch():
+  config = default.get_config()
+  _, lr, state = _state(config)
+  step = jax.jit(functools.partial(train.train_step, learning_rate_fn=lr),
+                 donate_argnums=0)
+  batch = _batch(32)
+  losses = []
+  for _ in range(15):
+    state, metrics = step(state, batch, jax.random.key(0))
+    losses.append(float(metrics.compute()['loss']))
+  assert losses[-1] < 0.5 * losses[0], losses
+  # 600 images / batch 512: the learning rate decays every step; step 14 ran.
+  np.testing.assert_allclose(float(metrics.compute()['learning_rate']),
+                             1e-3 * 0.95**14, rtol=1e-5)
+
+
+def test_resident_train_fn_compiles_once_and_k_steps_equal_single_steps(
+    tiny_config):
+  """steps_per_dispatch=k gives exactly the k=1 result, per-step metrics too."""
+  tiny_config.batch_size = 8
+  mesh = train.create_mesh()
+  data = input_pipeline.load(tiny_config)
+  n = len(data.train)
+  model, lr, state0 = _state(tiny_config)
+  train_data = train.put_replicated(
+      {'image': data.train.images, 'label': data.train.labels}, mesh)
+  perm = input_pipeline.epoch_permutation(jax.random.key(1), 0, n)
+  fn = train.make_train_fn(tiny_config, lr, n, mesh)
+  rng = jax.random.key(2)
+  copy = lambda s: train.put_replicated(jax.tree.map(np.array, s), mesh)
+  s1, per_step = copy(state0), []
+  for _ in range(4):
+    s1, m = fn(s1, train_data, perm, rng, num_steps=1)
+    per_step.append(m)
+  assert fn._cache_size() == 1
+  s4, m4 = fn(copy(state0), train_data, perm, rng, num_steps=4)
+  for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s4.params)):
+    np.testing.assert_array_equal(a, b)
+  stacked = jax.tree.map(lambda *xs: np.concatenate(xs), *per_step)
+  for a, b in zip(jax.tree.leaves(stacked), jax.tree.leaves(m4)):
+    np.testing.assert_array_equal(a, b)

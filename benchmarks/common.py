@@ -1,0 +1,55 @@
+"""Shared benchmark helpers: machine description, timing statistics, JSON."""
+
+import json
+import os
+import platform
+import statistics
+import sys
+
+
+def machine_info() -> dict:
+  """CPU model, cores, devices and library versions, for every JSON result."""
+  import jax  # pylint: disable=g-import-not-at-top
+  cpu = platform.processor()
+  try:
+    with open('/proc/cpuinfo') as f:
+      for line in f:
+        if line.startswith('model name'):
+          cpu = line.split(':', 1)[1].strip()
+          break
+  except OSError:
+    pass
+  versions = {}
+  for name in ('jax', 'jaxlib', 'flax', 'optax', 'orbax.checkpoint', 'clu',
+               'numpy'):
+    try:
+      module = __import__(name, fromlist=['__version__'])
+      versions[name] = getattr(module, '__version__', '?')
+    except ImportError:
+      versions[name] = None
+  devices = jax.devices()
+  return {
+      'cpu': cpu, 'cpu_cores': os.cpu_count(),
+      'platform': platform.platform(), 'python': sys.version.split()[0],
+      'device_kind': devices[0].device_kind, 'device_count': len(devices),
+      'backend': jax.default_backend(),
+      'xla_flags': os.environ.get('XLA_FLAGS', ''), 'versions': versions,
+  }
+
+
+def summarize(values) -> dict:
+  """Median, min, max and relative spread of repeated measurements."""
+  values = list(values)
+  med = statistics.median(values)
+  return {'median': med, 'min': min(values), 'max': max(values),
+          'spread': (max(values) - min(values)) / med if med else 0.0,
+          'n': len(values), 'values': values}
+
+
+def write_json(path: str, payload: dict) -> None:
+  if not path:
+    return
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, 'w') as f:
+    json.dump(payload, f, indent=1)
+  print(f'wrote {path}')

@@ -59,6 +59,12 @@ def main(argv):
   import jax  # pylint: disable=g-import-not-at-top
   from mnist_jax import tf_setup, train  # pylint: disable=g-import-not-at-top
   tf_setup.hide_accelerators_from_tf()
+  from mnist_jax import parallel  # pylint: disable=g-import-not-at-top
+  try:  # Multi-host: before anything touches a JAX backend.
+    parallel.initialize_distributed(FLAGS.config)
+  except UserError as e:
+    print(f'Error: {e}', file=sys.stderr, flush=True)
+    sys.exit(2)
   workdir = FLAGS.workdir or default_workdir(
       flags.FLAGS['config'].config_filename)
   logging.info('JAX process %d / %d; local devices: %s', jax.process_index(),

@@ -27,12 +27,21 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.dir = ''  # TFDS data dir or IDX folder; '' = TFDS_DATA_DIR / TFDS default.
   config.data.num_validation = 5000  # First N training images validate (tutorial: 5,000).
   config.data.download = False  # Let TFDS download if the data is missing (needs internet).
+  config.data.cache_dir = ''  # Decoded-TFDS .npz cache; '' = ~/.cache/mnist_jax, 'none' = off.
 
   # --- Model (tutorial's network) ---
   config.num_classes = 10  # Output classes.
   config.dropout_keep_prob = 0.5  # Keep probability of the dropout after fc3 (training only).
   config.lowering = 'fast'  # How layers lower to XLA: 'fast' or 'reference'; same function.
   config.dtype = 'float32'  # Activation/compute dtype ('float32' or 'bfloat16'); params stay f32.
+
+  # --- Parallelism (see README "Scaling out") ---
+  config.parallelism = 'jit'  # 'jit': one program over a mesh of all devices; 'pmap': classic pmap.
+  config.distributed = ml_collections.ConfigDict()
+  config.distributed.initialize = 'auto'  # jax.distributed: 'auto' (coordinator given or TPU VM), 'yes', 'no'.
+  config.distributed.coordinator_address = ''  # host:port of process 0; '' = JAX_COORDINATOR_ADDRESS / auto.
+  config.distributed.num_processes = 0  # 0 = JAX_NUM_PROCESSES / auto-detected.
+  config.distributed.process_id = -1  # -1 = JAX_PROCESS_ID / auto-detected.
 
   # --- Optimisation (tutorial's values) ---
   config.batch_size = 512  # Global training batch size.
@@ -42,7 +51,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.weight_decay = 0.0005  # L2 on conv kernels: adds weight_decay * w to the gradient.
   config.adam_b1 = 0.9  # Adam beta1.
   config.adam_b2 = 0.999  # Adam beta2.
-  config.adam_eps = 1e-8  # Adam epsilon (as optax / the tutorial's TF default... 1e-8).
+  config.adam_eps = 1e-8  # Adam epsilon (TF1 AdamOptimizer's default).
 
   # --- Duration ---
   config.num_epochs = 20  # Training epochs.
@@ -53,6 +62,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.eval_batch_size = 1000  # Evaluation batch size (last batch padded and masked).
   config.eval_every_epochs = 1  # Evaluate validation and test every N epochs (and at the end).
   config.log_every_steps = 50  # Write training scalars every N steps.
+  config.compilation_cache_dir = ''  # JAX persistent cache; '' = ~/.cache/mnist_jax/jax_cache, 'none' = off.
   config.steps_per_dispatch = 1  # Training steps per host call (lax.scan); 1 = one jit per step.
   config.profile_steps = 0  # Trace N training steps with the JAX profiler into the workdir; 0 = off.
   config.write_report = True  # After training, write <workdir>/report/ (plots + report.md).

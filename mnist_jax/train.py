@@ -112,7 +112,8 @@ def cross_entropy(logits, labels):
   return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
 
 
-def train_step(state: TrainState, batch, rng, *, learning_rate_fn):
+def train_step(state: TrainState, batch, rng, *, learning_rate_fn,
+               axis_name=None):
   """One Adam step on a batch; pure.
 
   Args:
@@ -121,11 +122,19 @@ def train_step(state: TrainState, batch, rng, *, learning_rate_fn):
     rng: the run's dropout key; this step uses `fold_in(rng, state.step)`, so
       a run is reproducible from its seed and resumable from its step.
     learning_rate_fn: the schedule (reported in the metrics).
+    axis_name: None on the default (jit) path, where `batch` is the global
+      batch and XLA partitions the step. Under `pmap` (mnist_jax.parallel),
+      the mapped axis: `batch` is this device's share, the gradients and the
+      metrics are averaged over the axis, and the dropout key is folded with
+      the device's index so that devices drop different units.
 
   Returns:
     (new state, TrainMetrics of this step).
   """
   dropout_rng = jax.random.fold_in(rng, state.step)
+  if axis_name is not None:
+    dropout_rng = jax.random.fold_in(dropout_rng,
+                                     jax.lax.axis_index(axis_name))
 
   def loss_fn(params):
     logits = state.apply_fn({'params': params}, batch['image'], train=True,
@@ -135,10 +144,14 @@ def train_step(state: TrainState, batch, rng, *, learning_rate_fn):
 
   (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       state.params)
+  if axis_name is not None:  # equal shares: mean of means = global mean
+    grads = jax.lax.pmean(grads, axis_name)
   new_state = state.apply_gradients(grads=grads)
   metrics = metrics_lib.TrainMetrics.single_from_model_output(
       loss=loss, logits=logits, labels=batch['label'],
       learning_rate=learning_rate_fn(state.step))
+  if axis_name is not None:
+    metrics = jax.lax.all_gather(metrics, axis_name).reduce()
   return new_state, metrics
 
 
@@ -159,30 +172,52 @@ def create_mesh(devices=None) -> jax.sharding.Mesh:
 
 
 def put_replicated(tree, mesh):
-  """Places host arrays on every device of `mesh` (the dataset, the state)."""
+  """Places host arrays on every device of `mesh` (the dataset, the state);
+  with several processes, via `jax.make_array_from_process_local_data`."""
+  from mnist_jax import parallel  # pylint: disable=g-import-not-at-top
   sharding = jax.NamedSharding(mesh, P())
-  return jax.tree.map(lambda x: jax.device_put(x, sharding), tree)
+  return jax.tree.map(lambda x: parallel.global_array(x, sharding), tree)
 
 
-def make_train_fn(config, learning_rate_fn, num_train: int, mesh):
-  """Returns jitted `train_fn(state, data, perm, rng, num_steps)`.
+def batch_indices(perm, step, *, batch_size: int, spe: int, shard=None):
+  """Dataset rows of step `step`'s global batch, cut from the permutation.
+
+  `shard=(index, count)` returns only share `index` of `count` equal shares
+  (the pmap path: each device gathers its own rows of the same global batch).
+  """
+  start = (step % spe) * batch_size
+  if shard is not None:
+    index, count = shard
+    batch_size //= count
+    start = start + index * batch_size
+  return jax.lax.dynamic_slice_in_dim(perm, start, batch_size)
+
+
+def make_steps_fn(config, learning_rate_fn, num_train: int, *,
+                  batch_sharding=None, axis_name=None, num_shards: int = 1):
+  """The un-jitted `train_fn(state, data, perm, rng, num_steps)` that both
+  parallel paths compile: `make_train_fn` (jit over a mesh, the default)
+  and `parallel.make_pmap_train_fn` (pmap over `axis_name`).
 
   Runs `num_steps` consecutive steps within one epoch. Step `s` uses batch
   `s % steps_per_epoch` of `perm` (the epoch's permutation), gathered from
   the resident uint8 `data` and normalised on the device; so the data order,
   like the dropout, is a pure function of (seed, step). Metrics are stacked
-  along a leading step axis. The state is donated.
+  along a leading step axis.
   """
   spe = steps_per_epoch(config, num_train)
   batch_size = config.batch_size
-  batch_sharding = jax.NamedSharding(mesh, P('data'))
   dtype = jnp.dtype(config.get('dtype', 'float32'))
-  step_fn = functools.partial(train_step, learning_rate_fn=learning_rate_fn)
+  step_fn = functools.partial(train_step, learning_rate_fn=learning_rate_fn,
+                              axis_name=axis_name)
 
   def one_step(state, data, perm, rng):
-    start = (state.step % spe) * batch_size
-    idx = jax.lax.dynamic_slice_in_dim(perm, start, batch_size)
-    idx = jax.lax.with_sharding_constraint(idx, batch_sharding)
+    shard = (None if axis_name is None else
+             (jax.lax.axis_index(axis_name), num_shards))
+    idx = batch_indices(perm, state.step, batch_size=batch_size, spe=spe,
+                        shard=shard)
+    if batch_sharding is not None:  # each device gathers only its own rows
+      idx = jax.lax.with_sharding_constraint(idx, batch_sharding)
     batch = {'image': input_pipeline.normalize(data['image'][idx], dtype),
              'label': data['label'][idx]}
     return step_fn(state, batch, rng)
@@ -194,6 +229,15 @@ def make_train_fn(config, learning_rate_fn, num_train: int, mesh):
     return jax.lax.scan(lambda s, _: one_step(s, data, perm, rng), state,
                         length=num_steps)
 
+  return train_fn
+
+
+def make_train_fn(config, learning_rate_fn, num_train: int, mesh):
+  """Returns jitted `train_fn(state, data, perm, rng, num_steps)` (see
+  `make_steps_fn`): the global batch is sharded along the mesh's 'data'
+  axis, the state and metrics replicated. The state is donated."""
+  train_fn = make_steps_fn(config, learning_rate_fn, num_train,
+                           batch_sharding=jax.NamedSharding(mesh, P('data')))
   replicated = jax.NamedSharding(mesh, P())
   return jax.jit(train_fn, static_argnames='num_steps', donate_argnums=0,
                  out_shardings=(replicated, replicated))
@@ -220,10 +264,11 @@ def make_eval_fn(model, mesh):
 def device_eval_split(split: input_pipeline.Split, eval_batch_size: int, mesh):
   """Pads a split to whole batches, reshapes to [num_batches, batch, ...] and
   places it on the devices, each batch sharded along 'data'."""
+  from mnist_jax import parallel  # pylint: disable=g-import-not-at-top
   padded = input_pipeline.pad_to_multiple(split, eval_batch_size)
   sharding = jax.NamedSharding(mesh, P(None, 'data'))
-  return {k: jax.device_put(v.reshape((-1, eval_batch_size) + v.shape[1:]),
-                            sharding)
+  return {k: parallel.global_array(
+      v.reshape((-1, eval_batch_size) + v.shape[1:]), sharding)
           for k, v in padded.items()}
 
 
@@ -296,9 +341,12 @@ def _check_divisible(config, mesh):
     value = config[field]
     if value % n:
       ok = [v for v in (value - value % n, value - value % n + n) if v > 0]
+      hosts = (f' of {jax.process_count()} processes'
+               if jax.process_count() > 1 else '')
       raise config_lib.ConfigError(
-          f'config.{field}={value} does not divide by the {n} devices; use a '
-          f'multiple of {n}, e.g. {" or ".join(map(str, ok))}.')
+          f'config.{field}={value} (global) does not divide by the {n} '
+          f'devices{hosts}, which each take an equal share; use a multiple '
+          f'of {n}, e.g. {" or ".join(map(str, ok))}.')
 
 
 def _chunk_length(config, step: int, epoch_end: int) -> int:
@@ -315,8 +363,9 @@ def default_hooks(config) -> list[Hook]:
   from mnist_jax import progress, report, summaries  # pylint: disable=g-import-not-at-top
   from mnist_jax import checkpointing  # pylint: disable=g-import-not-at-top
   # Checkpoints first: it may replace the state (resume) the others read.
-  hooks = [checkpointing.CheckpointHook(config), summaries.SummaryHook(),
-           progress.ProgressHook()]
+  hooks = [checkpointing.CheckpointHook(config), summaries.SummaryHook()]
+  if jax.process_index() == 0:  # one progress display per run, not per host
+    hooks.append(progress.ProgressHook())
   if config.get('profile_steps', 0) > 0:
     hooks.append(progress.ProfileHook(config.profile_steps))
   if config.get('write_report', True):
@@ -324,10 +373,35 @@ def default_hooks(config) -> list[Hook]:
   return hooks
 
 
+def enable_compilation_cache(cache_dir: str) -> str | None:
+  """Turns on JAX's persistent compilation cache (faster warm starts).
+
+  Args:
+    cache_dir: '' = $XDG_CACHE_HOME/mnist_jax/jax_cache (~/.cache/...),
+      'none' = off, else the folder (e.g. a bucket path on TPU VMs).
+
+  Returns:
+    The folder in use, or None when off. The first folder set in a process
+    stays in use (JAX initialises the cache once).
+  """
+  if cache_dir == 'none':
+    return None
+  if not cache_dir:
+    cache_dir = os.path.join(
+        os.environ.get('XDG_CACHE_HOME', os.path.expanduser('~/.cache')),
+        'mnist_jax', 'jax_cache')
+  if not jax.config.jax_compilation_cache_dir:
+    jax.config.update('jax_compilation_cache_dir', cache_dir)
+    # Cache every step/eval program, not only those that took > 1 s.
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+  return jax.config.jax_compilation_cache_dir
+
+
 def setup(config: ml_collections.ConfigDict, workdir: str) -> Context:
   """Validates the config, loads the data and builds everything but state."""
   config_lib.validate(config)
   os.makedirs(workdir, exist_ok=True)
+  enable_compilation_cache(config.get('compilation_cache_dir', ''))
   mesh = create_mesh()
   _check_divisible(config, mesh)
   data = input_pipeline.load(config)
@@ -385,7 +459,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
               'step': int(state.step)}
     if ctx.stop_requested:  # pre-empted: saved by a hook, resumed on rerun
       result.update(final={}, stopped_early=True)
-    else:
+    elif jax.process_index() == 0:  # the same result on every process
       with open(os.path.join(workdir, 'metrics.json'), 'w') as f:
         json.dump(result, f, indent=1)
       if final:
@@ -403,7 +477,9 @@ def _train_loop(ctx: Context, state: TrainState, hooks: list[Hook]):
   train_data = put_replicated(
       {'image': ctx.data.train.images, 'label': ctx.data.train.labels},
       ctx.mesh)
-  train_fn = make_train_fn(config, ctx.learning_rate_fn, num_train, ctx.mesh)
+  from mnist_jax import parallel  # pylint: disable=g-import-not-at-top
+  train_fn = parallel.select_train_fn(config, ctx.learning_rate_fn, num_train,
+                                      ctx.mesh)
   permutation = jax.jit(
       functools.partial(input_pipeline.epoch_permutation,
                         num_examples=num_train),
@@ -458,7 +534,8 @@ def _train_loop(ctx: Context, state: TrainState, hooks: list[Hook]):
         record.update({f'{name}_{k}': v for k, v in
                        evaluate(ctx.eval_fn, state.params, split).items()})
     history.append(record)
-    print(_epoch_line(record), flush=True)
+    if jax.process_index() == 0:  # other processes hold the same numbers
+      print(_epoch_line(record), flush=True)
     for hook in hooks:
       hook.on_epoch_end(ctx, epoch + 1, step, state, record)
   return state, history

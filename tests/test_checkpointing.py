@@ -1,0 +1,209 @@
+"""Checkpoints in-process: saving, exact resume, config checks, fine-tuning,
+evaluation, listing, corruption fall-back and non-finite states."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import ckpt_util
+from mnist_jax import checkpoint_tools
+from mnist_jax import checkpointing
+from mnist_jax import train
+from mnist_jax.errors import ConfigError
+
+
+@pytest.fixture(scope='module')
+def reference(tmp_path_factory, idx_dir):
+  """An uninterrupted 2-epoch tiny run (36 steps, saves at 10, 20, 30, 36)."""
+  from conftest import tiny_config_for  # pylint: disable=g-import-not-at-top
+  config = tiny_config_for(idx_dir)
+  workdir = str(tmp_path_factory.mktemp('reference'))
+  result = ckpt_util.run(config, workdir)
+  return config, workdir, result, ckpt_util.saved_params(workdir)
+
+
+def test_saves_state_config_and_metrics(reference):
+  config, workdir, result, _ = reference
+  assert ckpt_util.steps(workdir) == [10, 20, 30, 36]
+  manager = checkpointing.create_manager(
+      checkpointing.checkpoint_dir(workdir), read_only=True)
+  saved = manager.restore(36, args=checkpointing.ocp.args.Composite(
+      config=checkpointing.ocp.args.JsonRestore(),
+      run=checkpointing.ocp.args.JsonRestore()))
+  manager.close()
+  assert saved.config == json.loads(json.dumps(config.to_dict()))
+  assert saved.run['reason'] == 'final'
+  assert saved.run['metrics']['test_accuracy'] == result['final'][
+      'test_accuracy']
+  assert [r['epoch'] for r in saved.run['history']] == [1, 2]
+
+
+def test_resume_mid_epoch_is_bitwise_identical(reference, tmp_path, capsys):
+  config, _, ref_result, ref_params = reference
+  workdir = str(tmp_path)
+  first = config.copy_and_resolve_references()
+  first.num_train_steps = 25  # stops mid-epoch 2 (18 steps per epoch)
+  first.max_checkpoints_to_keep = 2
+  ckpt_util.run(first, workdir)
+  assert ckpt_util.steps(workdir) == [20, 25]  # keep-N dropped step 10
+  capsys.readouterr()
+  second = config.copy_and_resolve_references()
+  second.max_checkpoints_to_keep = 2
+  result = ckpt_util.run(second, workdir)
+  assert 'Resuming from step 25' in capsys.readouterr().out
+  assert ckpt_util.steps(workdir) == [30, 36]
+  ckpt_util.assert_bitwise_equal(ckpt_util.saved_params(workdir), ref_params)
+  # metrics.json carries the epochs of both processes.
+  assert [r['step'] for r in result['epochs']] == [18, 25, 36]
+  assert result['final'] == ref_result['final']
+
+
+def test_config_change_that_alters_the_run_is_refused(reference):
+  config, workdir, _, _ = reference
+  changed = config.copy_and_resolve_references()
+  changed.batch_size = 64
+  with pytest.raises(ConfigError, match=r'batch_size=32 \(checkpoint\) vs 64'):
+    ckpt_util.run(changed, workdir)
+
+
+def _start(config, workdir, hook=None):
+  """Runs only the restore-or-init step of a run; returns (state, ctx)."""
+  ctx = train.setup(config, workdir)
+  state = train.put_replicated(train.create_train_state(
+      config, ctx.model, ctx.learning_rate_fn, ctx.rngs['init']), ctx.mesh)
+  hook = hook or checkpointing.CheckpointHook(config)
+  try:
+    return hook.on_train_start(ctx, state), ctx
+  finally:
+    hook.on_train_end(ctx, -1, state, None)
+
+
+def test_fine_tuning_takes_params_only(reference, tmp_path, capsys):
+  config, workdir, _, ref_params = reference
+  tuned = config.copy_and_resolve_references()
+  tuned.init_from = workdir
+  tuned.initial_learning_rate = 1e-4  # a fine-tune may change anything
+  state, _ = _start(tuned, str(tmp_path / 'a'))
+  assert 'Fine-tuning: parameters from' in capsys.readouterr().out
+  ckpt_util.assert_bitwise_equal(jax.tree.map(np.asarray, state.params),
+                                 ref_params)
+  assert int(state.step) == 0
+  assert not any(np.any(np.asarray(x)) for x in jax.tree.leaves(
+      state.opt_state))  # fresh Adam moments and counts
+  # A step folder works too, and picks that step.
+  tuned.init_from = os.path.join(workdir, 'checkpoints', '10')
+  state, _ = _start(tuned, str(tmp_path / 'b'))
+  ckpt_util.assert_bitwise_equal(jax.tree.map(np.asarray, state.params),
+                                 ckpt_util.saved_params(workdir, 10))
+
+
+def test_fine_tuning_errors(reference, tmp_path):
+  config, workdir, _, _ = reference
+  tuned = config.copy_and_resolve_references()
+  tuned.init_from = workdir
+  tuned.num_classes = 5
+  with pytest.raises(checkpointing.CheckpointError,
+                     match=r'fc4/kernel: checkpoint \(1, 1, 1024, 10\) vs '
+                     r'model \(1, 1, 1024, 5\).*num_classes'):
+    _start(tuned, str(tmp_path / 'a'))
+  tuned.num_classes = 10
+  tuned.init_from = str(tmp_path / 'nothing')
+  with pytest.raises(checkpointing.CheckpointError, match='no checkpoints'):
+    _start(tuned, str(tmp_path / 'b'))
+
+
+def test_eval_mode_and_info(reference, capsys):
+  config, workdir, result, _ = reference
+  record = checkpoint_tools.evaluate_checkpoint(config, workdir)
+  assert record['step'] == 36
+  out = capsys.readouterr().out
+  acc = result['final']['test_accuracy']
+  assert f'Final test accuracy: {acc:.2%}' in out
+  for k, v in result['final'].items():
+    assert record[k] == pytest.approx(v, rel=1e-6)
+  with open(os.path.join(workdir, 'eval', 'metrics.json')) as f:
+    assert json.load(f) == record
+  at10 = config.copy_and_resolve_references()
+  at10.eval_step = 10
+  assert checkpoint_tools.evaluate_checkpoint(at10, workdir)['step'] == 10
+  at10.eval_step = 11
+  with pytest.raises(checkpointing.CheckpointError,
+                     match=r'no checkpoint for step 11.*\[10, 20, 30, 36\]'):
+    checkpoint_tools.evaluate_checkpoint(at10, workdir)
+  capsys.readouterr()
+  checkpoint_tools.print_checkpoints(workdir)
+  lines = capsys.readouterr().out.splitlines()
+  assert lines[0].startswith('4 checkpoint(s)')
+  assert [int(line.split()[0]) for line in lines[2:]] == [10, 20, 30, 36]
+  assert 'final' in lines[-1] and 'test_accuracy' in lines[-1]
+
+
+def _truncate_state_files(step_dir):
+  for root, _, files in os.walk(os.path.join(step_dir, 'state')):
+    for name in files:
+      path = os.path.join(root, name)
+      size = os.path.getsize(path)
+      if size > 4096:
+        with open(path, 'r+b') as f:
+          f.truncate(size // 2)
+
+
+def test_corrupt_latest_falls_back_and_is_kept(reference, tmp_path, capsys):
+  config, workdir, _, _ = reference
+  work = str(tmp_path / 'w')
+  ckpt_util.copy_steps(workdir, work, [30, 36])
+  _truncate_state_files(os.path.join(work, 'checkpoints', '36'))
+  # Evaluation falls back without touching anything.
+  assert checkpoint_tools.evaluate_checkpoint(config, work)['step'] == 30
+  assert 'checkpoints/36 is unreadable' in capsys.readouterr().err
+  assert ckpt_util.steps(work) == [30, 36]
+  # Training resumes from 30 and moves 36 aside (kept) so it can re-save 36.
+  state, _ = _start(config, work)
+  captured = capsys.readouterr()
+  assert 'checkpoints/36 is unreadable' in captured.err
+  assert 'Resuming from step 30' in captured.out
+  assert int(state.step) == 30
+  assert ckpt_util.steps(work) == [30]
+  aside = os.listdir(os.path.join(work, checkpointing.CORRUPT_DIR))
+  assert len(aside) == 1 and aside[0].startswith('36-')
+  # Nothing readable at all: a clear error, and still nothing deleted.
+  _truncate_state_files(os.path.join(work, 'checkpoints', '30'))
+  with pytest.raises(checkpointing.CheckpointError,
+                     match=r'none of the checkpoints.*\[30\].*nothing was '
+                     'deleted'):
+    _start(config, work)
+  assert ckpt_util.steps(work) == [30]
+
+
+class _NaNLearningRateFrom(train.Hook):
+  """Makes the optimizer's learning rate NaN from a given step on."""
+
+  def __init__(self, step):
+    self.step = step
+
+  def on_train_start(self, ctx, state):
+    base = ctx.learning_rate_fn
+    bad = lambda s: jnp.where(s >= self.step, jnp.nan, base(s))
+    return state.replace(tx=train.create_optimizer(ctx.config, bad))
+
+
+@pytest.mark.parametrize('every,raised_by', [(10, 'loop'), (5, 'save')])
+def test_non_finite_state_is_never_saved(tiny_config, tmp_path, every,
+                                         raised_by):
+  tiny_config.checkpoint_every_steps = every
+  # Step 13 uses the NaN rate: its parameters are NaN, step 14's loss is NaN.
+  with pytest.raises(train.NonFiniteLossError) as e:
+    ckpt_util.run(tiny_config, str(tmp_path),
+                  extra_hooks=[_NaNLearningRateFrom(12)])
+  good = os.path.join(str(tmp_path), 'checkpoints', '10')
+  assert f'Last good checkpoint: {good}' in str(e.value)
+  if raised_by == 'loop':
+    assert 'at step 14' in str(e.value)
+    assert ckpt_util.steps(str(tmp_path)) == [10]
+  else:
+    assert 'not finite at step 15' in str(e.value)
+    assert ckpt_util.steps(str(tmp_path)) == [5, 10]

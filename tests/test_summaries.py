@@ -1,0 +1,211 @@
+"""Issue 5 end to end: one tiny training run with the default hooks, then its
+event files, printed overview, progress lines, profile and report are read
+back. Plus unit tests of the training-scalar windows and process-0 writing.
+"""
+
+import contextlib
+import glob
+import io
+import json
+import os
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import tiny_config_for
+from mnist_jax import metrics as metrics_lib
+from mnist_jax import models
+from mnist_jax import progress
+from mnist_jax import report
+from mnist_jax import summaries
+from mnist_jax import train
+
+# tiny_config: 600 training images / batch 32 = 18 steps per epoch, 2 epochs.
+SPE, TOTAL = 18, 36
+
+
+def read_events(logdir):
+  """{tag: {step: (plugin, value or proto)}} of every summary in `logdir`."""
+  out = {}
+  for path in sorted(glob.glob(os.path.join(logdir, 'events.out.tfevents.*'))):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      for v in event.summary.value:
+        plugin = v.metadata.plugin_data.plugin_name
+        value = tf.make_ndarray(v.tensor) if v.HasField('tensor') else None
+        out.setdefault(v.tag, {})[event.step] = (plugin, value)
+  return out
+
+
+@pytest.fixture(scope='module')
+def run(idx_dir, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('issue5_run'))
+  config = tiny_config_for(idx_dir)
+  config.profile_steps = 2
+  stdout, stderr = io.StringIO(), io.StringIO()  # Not terminals.
+  with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+    hooks = train.default_hooks(config)  # The default, wired-in hooks.
+    result = train.train_and_evaluate(config, workdir, hooks=hooks)
+  return types.SimpleNamespace(
+      workdir=workdir, config=config, result=result, hooks=hooks,
+      stdout=stdout.getvalue(), stderr=stderr.getvalue(),
+      train=read_events(os.path.join(workdir, 'train')),
+      eval=read_events(os.path.join(workdir, 'eval')))
+
+
+def test_default_hooks_include_issue5_hooks(run):
+  kinds = {type(h) for h in run.hooks}
+  assert {summaries.SummaryHook, progress.ProgressHook, progress.ProfileHook,
+          report.ReportHook} <= kinds
+
+
+def test_training_scalars_every_log_every_steps(run):
+  want = sorted(set(range(5, TOTAL + 1, 5)) | {TOTAL})
+  for tag in ('loss', 'accuracy', 'learning_rate'):
+    assert sorted(run.train[tag]) == want, tag
+    assert all(p == 'scalars' for p, _ in run.train[tag].values())
+  assert run.train['learning_rate'][5][1] == pytest.approx(0.001)
+  # Epoch 2 (steps 19..36) is after one decay period: 0.001 * 0.95.
+  assert run.train['learning_rate'][TOTAL][1] == pytest.approx(0.00095)
+  assert run.train['loss'][TOTAL][1] < run.train['loss'][5][1]
+
+
+def test_eval_scalars_test_as_train_tags_validation_prefixed(run):
+  epochs = {r['step']: r for r in run.result['epochs']}
+  assert sorted(epochs) == [SPE, TOTAL]
+  for tag, key in (('loss', 'test_loss'), ('accuracy', 'test_accuracy'),
+                   ('validation_loss', 'validation_loss'),
+                   ('validation_accuracy', 'validation_accuracy')):
+    assert sorted(run.eval[tag]) == [SPE, TOTAL], tag
+    for step, r in epochs.items():
+      assert run.eval[tag][step][1] == pytest.approx(r[key], rel=1e-5), tag
+  assert 'learning_rate' not in run.eval
+
+
+def test_sparsity_per_end_point_train_and_test(run):
+  for events in (run.train, run.eval):
+    for name in models.END_POINTS:
+      steps = events[f'sparsity/{name}']
+      assert sorted(steps) == [SPE, TOTAL]
+      assert all(0 <= v <= 1 for _, v in steps.values())
+  for step in (SPE, TOTAL):
+    # Train batch runs with dropout: dropout3 has more zeros than fc3 ...
+    assert (run.train['sparsity/dropout3'][step][1]
+            > run.train['sparsity/fc3'][step][1])
+    # ... the test batch without: dropout3 is fc3.
+    assert (run.eval['sparsity/dropout3'][step][1]
+            == pytest.approx(run.eval['sparsity/fc3'][step][1]))
+
+
+def test_histograms_images_hparams(run):
+  for name in models.END_POINTS:
+    steps = run.train[f'activations/{name}']
+    assert sorted(steps) == [SPE, TOTAL]
+    assert {p for p, _ in steps.values()} == {'histograms'}
+  images = run.train['images']
+  assert sorted(images) == [SPE, TOTAL]
+  plugin, value = images[SPE]
+  assert plugin == 'images'
+  assert len(value) == 2 + 3  # width, height, then three encoded PNGs.
+  hparams = [t for t, s in run.train.items()
+             if any(p == 'hparams' for p, _ in s.values())]
+  assert hparams
+
+
+def test_parameter_overview_printed(run):
+  assert 'fc3/kernel' in run.stdout
+  assert 'Total: 3,274,634' in run.stdout
+
+
+def test_plain_progress_lines_when_not_a_terminal(run):
+  lines = [l for l in run.stderr.splitlines() if l.startswith('Epoch ')]
+  steps = [int(l.split()[3].split('/')[0]) for l in lines]
+  # Epoch 1's first dispatch (compilation) only starts the clock.
+  assert steps == [5, 10, 15, 20, 25, 30, 35, 36]
+  assert all('img/s' in l and 'ETA' in l and 'loss' in l for l in lines)
+  assert '\r' not in run.stderr
+
+
+def test_profile_trace_in_workdir(run):
+  traces = glob.glob(os.path.join(run.workdir, 'plugins', 'profile', '*',
+                                  '*.xplane.pb'))
+  assert traces
+
+
+def test_report_written_after_training(run):
+  out = os.path.join(run.workdir, 'report')
+  for name in ('learning_curves.png', 'confusion_matrix.png',
+               'misclassified.png', 'report.md'):
+    assert os.path.getsize(os.path.join(out, name)) > 0
+  # The curves read the event files: one train point per log_every_steps.
+  curves = report.learning_curves(run.workdir, None)
+  assert list(curves['train']['loss'][0]) == [5, 10, 15, 20, 25, 30, 35, 36]
+  assert list(curves['test']['accuracy'][0]) == [SPE, TOTAL]
+  assert list(curves['validation']['loss'][0]) == [SPE, TOTAL]
+  with open(os.path.join(run.workdir, 'metrics.json')) as f:
+    assert json.load(f)['step'] == TOTAL
+
+
+# ------------------------------------------------------------- unit tests
+
+class RecordingWriter:
+  """Stands in for a clu writer; records write_scalars calls."""
+
+  def __init__(self):
+    self.scalars = []
+
+  def write_scalars(self, step, scalars):
+    self.scalars.append((step, scalars))
+
+
+def stacked_train_metrics(losses, lrs):
+  """Host TrainMetrics stacked over steps, as the loop hands `on_metrics`."""
+  steps = []
+  for loss, lr in zip(losses, lrs):
+    logits = jnp.array([[1.0, 0.0], [0.0, 1.0]])
+    steps.append(metrics_lib.TrainMetrics.single_from_model_output(
+        loss=jnp.float32(loss), logits=logits, labels=jnp.array([0, 0]),
+        learning_rate=jnp.float32(lr)))
+  return jax.tree.map(lambda *x: np.stack([np.asarray(v) for v in x]), *steps)
+
+
+def test_training_scalars_average_the_window_across_dispatches():
+  hook = summaries.SummaryHook()
+  hook.train_writer = RecordingWriter()
+  ctx = types.SimpleNamespace(config=types.SimpleNamespace(log_every_steps=4),
+                              total_steps=10)
+  losses = np.arange(1.0, 11.0)  # Step s has loss s.
+  lrs = losses / 100
+  # Dispatches of 3 steps: windows straddle them.
+  for first in (0, 3, 6, 9):
+    hook.on_metrics(ctx, first, stacked_train_metrics(
+        losses[first:first + 3], lrs[first:first + 3]))
+  steps = [s for s, _ in hook.train_writer.scalars]
+  assert steps == [4, 8, 10]
+  got = dict(hook.train_writer.scalars)
+  assert got[4]['loss'] == pytest.approx(2.5)  # mean of 1..4
+  assert got[8]['loss'] == pytest.approx(6.5)  # mean of 5..8
+  assert got[10]['loss'] == pytest.approx(9.5)
+  assert got[8]['learning_rate'] == pytest.approx(0.08)  # the last step's
+  assert got[4]['accuracy'] == pytest.approx(0.5)
+
+
+def test_only_process_zero_writes_event_files(tmp_path, monkeypatch,
+                                              tiny_config):
+  monkeypatch.setattr(jax, 'process_index', lambda: 1)
+  ctx = types.SimpleNamespace(workdir=str(tmp_path), config=tiny_config,
+                              model=models.create_model(tiny_config))
+  hook = summaries.SummaryHook(print_overview=False)
+  hook.on_train_start(ctx, types.SimpleNamespace(params={}))
+  hook.train_writer.write_scalars(1, {'loss': 1.0})
+  hook.on_train_end(ctx, 1, None, None)
+  assert not glob.glob(str(tmp_path / '**' / 'events.out.tfevents.*'),
+                       recursive=True)
+  monkeypatch.setattr(jax, 'process_index', lambda: 0)
+  hook.on_train_start(ctx, types.SimpleNamespace(params={}))
+  hook.train_writer.write_scalars(1, {'loss': 1.0})
+  hook.on_train_end(ctx, 1, None, None)  # Flushes and closes.
+  assert read_events(str(tmp_path / 'train'))['loss'][1][1] == 1.0

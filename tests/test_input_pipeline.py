@@ -35,6 +35,7 @@ def test_tfds_source_on_mock_data(tiny_config):
   tiny_config.data.source = 'tfds'
   tiny_config.data.dir = ''
   tiny_config.data.num_validation = 20
+  tiny_config.data.cache_dir = 'none'  # read through the mock, not a cache
   with tfds.testing.mock_data(num_examples=70):
     data = input_pipeline.load(tiny_config)
   assert (len(data.train), len(data.validation), len(data.test)) == (50, 20, 70)
@@ -126,3 +127,31 @@ def test_unknown_source_rejected(tiny_config):
   tiny_config.data.source = 'csv'
   with pytest.raises(DataError, match="Unknown data source 'csv'"):
     input_pipeline.load(tiny_config)
+
+
+def test_tfds_decoded_cache_is_keyed_by_the_source_files(tmp_path, tiny_config,
+                                                         monkeypatch):
+  tfds = pytest.importorskip('tensorflow_datasets')
+  data_dir = tmp_path / 'tfds' / 'mnist' / '3.0.1'
+  data_dir.mkdir(parents=True)
+  record = data_dir / 'mnist-train.tfrecord-00000-of-00001'
+  record.write_bytes(b'x')
+  tiny_config.data.source = 'tfds'
+  tiny_config.data.dir = str(tmp_path / 'tfds')
+  tiny_config.data.cache_dir = str(tmp_path / 'cache')
+  tiny_config.data.num_validation = 20
+  calls = []
+  real_load = tfds.load
+  monkeypatch.setattr(tfds, 'load',
+                      lambda *a, **k: calls.append(1) or real_load(*a, **k))
+  with tfds.testing.mock_data(num_examples=60):
+    first = input_pipeline.load(tiny_config)
+    n_calls = len(calls)
+    assert n_calls == 2  # train and test were decoded
+    second = input_pipeline.load(tiny_config)
+    assert len(calls) == n_calls  # served from the cache
+    np.testing.assert_array_equal(first.train.images, second.train.images)
+    np.testing.assert_array_equal(first.test.labels, second.test.labels)
+    record.write_bytes(b'changed data')  # a changed dataset is read again
+    input_pipeline.load(tiny_config)
+    assert len(calls) == n_calls + 2

@@ -62,6 +62,7 @@ def test_train_and_evaluate_on_tfds_mock_data(tiny_config, tmp_path):
   tfds = pytest.importorskip('tensorflow_datasets')
   tiny_config.data.source = 'tfds'
   tiny_config.data.num_validation = 40
+  tiny_config.data.cache_dir = 'none'
   tiny_config.num_epochs = 1
   tiny_config.num_train_steps = 4
   with tfds.testing.mock_data(num_examples=200):

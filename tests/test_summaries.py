@@ -8,6 +8,9 @@ import glob
 import io
 import json
 import os
+import re
+import subprocess
+import sys
 import types
 
 import jax
@@ -16,6 +19,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from conftest import ROOT
 from conftest import tiny_config_for
 from mnist_jax import metrics as metrics_lib
 from mnist_jax import models
@@ -45,6 +49,7 @@ def run(idx_dir, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp('issue5_run'))
   config = tiny_config_for(idx_dir)
   config.profile_steps = 2
+  config.checkpoint_every_steps = 100  # Fewer saves: faster (the end saves).
   stdout, stderr = io.StringIO(), io.StringIO()  # Not terminals.
   with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
     hooks = train.default_hooks(config)  # The default, wired-in hooks.
@@ -209,3 +214,29 @@ def test_only_process_zero_writes_event_files(tmp_path, monkeypatch,
   hook.train_writer.write_scalars(1, {'loss': 1.0})
   hook.on_train_end(ctx, 1, None, None)  # Flushes and closes.
   assert read_events(str(tmp_path / 'train'))['loss'][1][1] == 1.0
+
+
+def test_launch_predict_restores_the_run_and_names_bad_files(run, tmp_path):
+  """`launch.py --mode predict --image a b ...` on the trained run's workdir."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  good = np.zeros((56, 40), np.uint8)
+  good[8:48, 16:22] = 255  # a '1', white on black
+  Image.fromarray(good).save(tmp_path / 'one.png')
+  Image.fromarray(255 - good).convert('RGB').save(tmp_path / 'inked.jpg')
+  (tmp_path / 'broken.png').write_bytes(b'\x89PNG garbage')
+  proc = subprocess.run(
+      [sys.executable, os.path.join(ROOT, 'launch.py'),
+       '--config', os.path.join(ROOT, 'configs', 'default.py'),
+       '--workdir', run.workdir, '--mode', 'predict',
+       '--image', str(tmp_path / 'one.png'), str(tmp_path / 'broken.png'),
+       str(tmp_path / 'inked.jpg')],
+      capture_output=True, text=True, timeout=300, cwd=ROOT)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  out = proc.stdout
+  assert f'step {TOTAL}' in out
+  for name in ('one.png', 'inked.jpg'):
+    line = [l for l in out.splitlines() if l.startswith(str(tmp_path / name))]
+    assert len(line) == 1 and re.search(r': \d  \(top 3: \d: [\d.]+%, '
+                                        r'\d: [\d.]+%, \d: [\d.]+%\)$',
+                                        line[0]), out
+  assert f'Error: {tmp_path / "broken.png"}: cannot read image' in proc.stderr

@@ -1,0 +1,229 @@
+"""Config sweeps: defining a grid of overrides and checking it up front.
+
+A config file may define, beside `get_config`, a `get_sweep()` returning a list
+of *points*: dicts of overrides with dotted keys, e.g.
+
+  def get_sweep(arg=None):
+    return sweep.product({'initial_learning_rate': [0.001, 0.003],
+                          'batch_size': [256, 512]})
+
+`product`, `zipped` and `cross` build such lists; `validate_sweep` applies every
+point to a copy of the config and checks it (known keys, matching types,
+`config_lib.validate`) before anything runs. Running the points is
+`sweep_run`'s job; the results tables are `sweep_results`'.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import importlib.util
+import itertools
+import os
+import re
+from typing import Any, Iterable, Mapping, Sequence
+
+import ml_collections
+
+from mnist_jax import config_lib
+from mnist_jax.errors import ConfigError
+
+Point = dict[str, Any]
+
+# Scalars only: a point's values become directory names and table cells.
+_SCALARS = (bool, int, float, str)
+_MAX_NAME = 180  # Leaves room under the usual 255-byte file name limit.
+
+
+# ------------------------------------------------------------ definitions
+
+def _axes(axes: Mapping[str, Sequence[Any]] | None,
+          kwargs: Mapping[str, Sequence[Any]]) -> dict[str, list[Any]]:
+  """Merges a dict of axes (dotted keys allowed) with keyword axes."""
+  merged = dict(axes or {})
+  for key, values in kwargs.items():
+    if key in merged:
+      raise ConfigError(f'Sweep axis {key!r} is given twice.')
+    merged[key] = values
+  out = {}
+  for key, values in merged.items():
+    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+      raise ConfigError(
+          f'Sweep axis {key!r} must be a list of values, got {values!r}.')
+    out[key] = list(values)
+  return out
+
+
+def product(axes: Mapping[str, Sequence[Any]] | None = None, /,
+            **kwargs: Sequence[Any]) -> list[Point]:
+  """Every combination of the axes' values (a grid), first axis slowest.
+
+  Args:
+    axes: {dotted key: values}; dotted keys such as 'data.num_validation' can
+      only be given this way.
+    **kwargs: more axes for top-level keys, after those of `axes`.
+
+  Returns:
+    One override dict per combination, keys in axis order.
+  """
+  named = _axes(axes, kwargs)
+  return [dict(zip(named, values))
+          for values in itertools.product(*named.values())]
+
+
+def zipped(axes: Mapping[str, Sequence[Any]] | None = None, /,
+           **kwargs: Sequence[Any]) -> list[Point]:
+  """The axes' values taken together, i-th with i-th; lengths must match."""
+  named = _axes(axes, kwargs)
+  lengths = {key: len(values) for key, values in named.items()}
+  if len(set(lengths.values())) > 1:
+    raise ConfigError(f'zipped() needs axes of equal length, got {lengths}.')
+  return [dict(zip(named, values)) for values in zip(*named.values())]
+
+
+def cross(*sweeps: Sequence[Point]) -> list[Point]:
+  """Every combination of points of several sweeps, merged (e.g. a zip of
+  learning rate and decay crossed with a product over batch sizes)."""
+  points = []
+  for parts in itertools.product(*sweeps):
+    point: Point = {}
+    for part in parts:
+      for key in part:
+        if key in point:
+          raise ConfigError(f'cross(): key {key!r} is set by two sweeps.')
+      point.update(part)
+    points.append(point)
+  return points
+
+
+# ------------------------------------------------------- names and loading
+
+def _format_value(value: Any) -> str:
+  if isinstance(value, float):
+    return repr(value)  # Shortest exact form: 0.003, 1e-05.
+  return str(value)
+
+
+def point_name(point: Mapping[str, Any]) -> str:
+  """The sub-workdir name of a point: `k=v` in point order, joined by ','.
+
+  Characters that are unsafe in file names become '_'; an over-long name is
+  cut and suffixed with a hash of the full one so names stay unique.
+  """
+  name = ','.join(f'{k}={_format_value(v)}' for k, v in point.items())
+  name = re.sub(r'[^A-Za-z0-9._=,+-]', '_', name) or 'base'
+  if name in ('.', '..'):
+    name = f'_{name}'
+  if len(name) > _MAX_NAME:
+    digest = hashlib.sha1(name.encode()).hexdigest()[:10]
+    name = f'{name[:_MAX_NAME - 11]}~{digest}'
+  return name
+
+
+def load_sweep(config_filename: str) -> list[Point]:
+  """Calls `get_sweep([arg])` of a config file given as 'path[:arg]'."""
+  path, _, arg = config_filename.partition(':')
+  spec = importlib.util.spec_from_file_location('_sweep_config', path)
+  if spec is None or not os.path.exists(path):
+    raise ConfigError(f'Config file {path!r} not found.')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  get_sweep = getattr(module, 'get_sweep', None)
+  if get_sweep is None:
+    raise ConfigError(
+        f'{path} defines no get_sweep(); --sweep needs a config file with a '
+        'sweep, e.g. configs/sweep_lr.py.')
+  return get_sweep(arg) if arg else get_sweep()
+
+
+# -------------------------------------------------------------- validation
+
+def _type_error(old: Any, new: Any) -> str | None:
+  """Why `new` cannot replace `old` in a config, or None if it can."""
+  if old is None:
+    return None
+  if not isinstance(new, _SCALARS):
+    return f'sweep values must be bool, int, float or str, not {type(new).__name__}'
+  # bool is an int to Python and to ConfigDict; in a config they differ.
+  if isinstance(old, bool) != isinstance(new, bool):
+    return f'expects {type(old).__name__}, got {type(new).__name__} {new!r}'
+  if isinstance(old, float) and isinstance(new, int):
+    return None
+  if not isinstance(new, type(old)):
+    return f'expects {type(old).__name__}, got {type(new).__name__} {new!r}'
+  return None
+
+
+def apply_point(config: ml_collections.ConfigDict,
+                point: Mapping[str, Any]) -> ml_collections.ConfigDict:
+  """A copy of `config` with the point's overrides; ConfigError if a key is
+  unknown or a value has the wrong type (the message names key and fix)."""
+  new = config.copy_and_resolve_references()
+  for key, value in point.items():
+    node = new
+    parts = key.split('.')
+    for depth, part in enumerate(parts):
+      fields = list(node.keys()) if isinstance(
+          node, ml_collections.ConfigDict) else []
+      if part not in fields:
+        where = '.'.join(parts[:depth]) or 'the config'
+        close = difflib.get_close_matches(part, fields, n=1)
+        hint = f'; did you mean {close[0]!r}?' if close else ''
+        raise ConfigError(f'unknown config key {key!r} (no {part!r} in '
+                          f'{where}){hint}')
+      if depth < len(parts) - 1:
+        node = node[part]
+    old = node[parts[-1]]
+    if isinstance(old, ml_collections.ConfigDict):
+      raise ConfigError(f'{key!r} is a group of fields; sweep its fields, '
+                        f'e.g. {key}.{next(iter(old.keys()))}.')
+    why = _type_error(old, value)
+    if why:
+      raise ConfigError(f'config.{key} {why}.')
+    with node.unlocked():
+      node[parts[-1]] = value
+  return new
+
+
+def validate_sweep(config: ml_collections.ConfigDict,
+                   points: Sequence[Mapping[str, Any]]
+                   ) -> list[tuple[str, Point, ml_collections.ConfigDict]]:
+  """Checks every point of a sweep against `config` before anything runs.
+
+  Args:
+    config: the base config (with the command line's overrides applied).
+    points: the sweep, a list of override dicts with dotted keys.
+
+  Returns:
+    [(sub-workdir name, point, the point's config)] in sweep order.
+
+  Raises:
+    ConfigError: the sweep is empty or malformed, a key is unknown, a value
+      has the wrong type or fails `config_lib.validate`, or two points share
+      a name; the message names the point.
+  """
+  if isinstance(points, Mapping) or not isinstance(points, Sequence):
+    raise ConfigError('get_sweep() must return a list of override dicts, got '
+                      f'{type(points).__name__}.')
+  if not points:
+    raise ConfigError('The sweep has no points.')
+  out, seen = [], {}
+  for i, point in enumerate(points):
+    label = f'Sweep point {i + 1}/{len(points)}'
+    if not isinstance(point, Mapping):
+      raise ConfigError(f'{label} is {point!r}; points must be dicts of '
+                        'overrides, e.g. {"batch_size": 256}.')
+    point = dict(point)
+    name = point_name(point)
+    label += f' ({name})'
+    try:
+      point_config = apply_point(config, point)
+      config_lib.validate(point_config)
+    except ConfigError as e:
+      raise ConfigError(f'{label}: {e}') from None
+    if name in seen:
+      raise ConfigError(f'{label} repeats point {seen[name] + 1} (same '
+                        'sub-workdir name); remove the duplicate.')
+    seen[name] = i
+    out.append((name, point, point_config))
+  return out

@@ -1,0 +1,158 @@
+"""A sweep's results: ranked tables and TensorBoard HParams.
+
+`<W>/sweep_results.csv` and `<W>/sweep_results.md` hold one row per point,
+ranked by the best validation accuracy of any evaluated epoch. Model selection
+never looks at the test set (the tutorial held out 5,000 training images for
+exactly this); the final test accuracy is reported beside it, not used.
+
+For TensorBoard's HParams dashboard each finished point's sub-workdir gets its
+hyperparameters and final metrics (`sweep/...` scalars), and `<W>` gets the
+experiment's list of hyperparameters and metrics, so
+`tensorboard --logdir <W>` compares all points in one table.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import os
+from typing import Any, Sequence
+
+CSV_FILE = 'sweep_results.csv'
+MD_FILE = 'sweep_results.md'
+# Metrics written for the HParams dashboard, with their display names.
+HPARAM_METRICS = {
+    'sweep/best_validation_accuracy': 'best validation accuracy',
+    'sweep/test_accuracy': 'final test accuracy',
+    'sweep/wall_seconds': 'wall time (s)',
+}
+_COLUMNS = ('best_validation_accuracy', 'best_epoch', 'test_accuracy',
+            'epochs', 'steps', 'wall_seconds', 'status', 'error')
+
+
+def point_row(point) -> dict[str, Any]:
+  """A point's table row: overrides, accuracies, epochs, time, status.
+
+  Args:
+    point: a `sweep_run.Point` (name, overrides, workdir, status).
+  """
+  from mnist_jax import sweep_run  # pylint: disable=g-import-not-at-top
+  metrics = sweep_run.read_metrics(point.workdir) or {}
+  epochs = metrics.get('epochs') or []
+  evaluated = [r for r in epochs if 'validation_accuracy' in r]
+  best = max(evaluated, key=lambda r: r['validation_accuracy'], default=None)
+  final = metrics.get('final') or {}
+  status = point.status or {}
+  return {
+      'point': point.name, **point.overrides,
+      'best_validation_accuracy': best['validation_accuracy'] if best else None,
+      'best_epoch': best['epoch'] if best else None,
+      'test_accuracy': final.get('test_accuracy'),
+      'epochs': epochs[-1]['epoch'] if epochs else None,
+      'steps': metrics.get('step'),
+      'wall_seconds': status.get('wall_seconds'),
+      'status': status.get('status', 'pending'),
+      'error': status.get('error') or '',
+  }
+
+
+def ranked_rows(points: Sequence[Any]) -> list[dict[str, Any]]:
+  """Rows ranked by best validation accuracy; points without one (failed,
+  pending) last, in sweep order. Adds a 1-based 'rank'."""
+  rows = [point_row(p) for p in points]
+  rows.sort(key=lambda r: (r['best_validation_accuracy'] is None,
+                           -(r['best_validation_accuracy'] or 0.0)))
+  return [{'rank': i + 1, **row} for i, row in enumerate(rows)]
+
+
+def _override_keys(points) -> list[str]:
+  keys = []
+  for point in points:
+    keys += [k for k in point.overrides if k not in keys]
+  return keys
+
+
+def write_tables(workdir: str, points: Sequence[Any]) -> list[dict[str, Any]]:
+  """Writes `<workdir>/sweep_results.{csv,md}`; returns the ranked rows."""
+  rows = ranked_rows(points)
+  columns = ['rank', 'point', *_override_keys(points), *_COLUMNS]
+  tmp = os.path.join(workdir, CSV_FILE + '.tmp')
+  with open(tmp, 'w', newline='') as f:
+    writer = csv.DictWriter(f, fieldnames=columns)
+    writer.writeheader()
+    for row in rows:
+      writer.writerow({k: '' if row.get(k) is None else row[k]
+                       for k in columns})
+  os.replace(tmp, os.path.join(workdir, CSV_FILE))
+  with open(os.path.join(workdir, MD_FILE), 'w') as f:
+    f.write(markdown_table(rows, _override_keys(points)))
+  return rows
+
+
+def _cell(key: str, value) -> str:
+  if value is None or value == '':
+    return ''
+  if key.endswith('accuracy'):
+    return f'{value:.2%}'
+  if key == 'wall_seconds':
+    return f'{value:.0f}'
+  return str(value).replace('|', '\\|')
+
+
+def markdown_table(rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> str:
+  """The ranked rows as a Markdown table (errors shortened)."""
+  head = ['rank', *keys, 'best val acc', 'best epoch', 'test acc', 'epochs',
+          'steps', 'wall s', 'status']
+  fields = ['rank', *keys, *_COLUMNS[:-1]]
+  lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+  for row in rows:
+    cells = [_cell(k, row.get(k)) for k in fields]
+    if row['error']:
+      cells[-1] += ': ' + _cell('error', row['error'][:120])
+    lines.append('| ' + ' | '.join(cells) + ' |')
+  return ('Ranked by best validation accuracy; the test accuracy is reported, '
+          'never used for selection.\n\n' + '\n'.join(lines) + '\n')
+
+
+# ---------------------------------------------------------------- HParams
+
+def write_point_hparams(point) -> None:
+  """Writes a finished point's hyperparameters and final metrics into its
+  sub-workdir for TensorBoard's HParams dashboard (nothing if it failed)."""
+  row = point_row(point)
+  if row['status'] != 'done' or row['best_validation_accuracy'] is None:
+    return
+  from clu import metric_writers  # pylint: disable=g-import-not-at-top
+  from mnist_jax import tf_setup  # pylint: disable=g-import-not-at-top
+  tf_setup.hide_accelerators_from_tf()
+  writer = metric_writers.SummaryWriter(point.workdir)
+  writer.write_hparams(dict(point.overrides))
+  writer.write_scalars(row['steps'] or 0, {
+      'sweep/best_validation_accuracy': row['best_validation_accuracy'],
+      'sweep/test_accuracy': row['test_accuracy'],
+      'sweep/wall_seconds': row['wall_seconds']})
+  writer.close()
+
+
+def write_hparams_config(workdir: str, points: Sequence[Any]) -> None:
+  """Declares the sweep's hyperparameters (with their values) and metrics in
+  `<workdir>` so the HParams dashboard shows them as columns; written once."""
+  if glob.glob(os.path.join(workdir, 'events.out.tfevents.*')):
+    return
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from tensorboard.plugins.hparams import api as hp  # pylint: disable=g-import-not-at-top
+  from mnist_jax import tf_setup  # pylint: disable=g-import-not-at-top
+  tf_setup.hide_accelerators_from_tf()
+  hparams = []
+  for key in _override_keys(points):
+    values = {p.overrides[key] for p in points if key in p.overrides}
+    # Discrete domains need values of one type; mixed ones get no domain.
+    domain = (hp.Discrete(sorted(values))
+              if len({type(v) for v in values}) == 1 else None)
+    hparams.append(hp.HParam(key, domain))
+  metrics = [hp.Metric(tag, display_name=name)
+             for tag, name in HPARAM_METRICS.items()]
+  writer = tf.summary.create_file_writer(workdir)
+  with writer.as_default():
+    hp.hparams_config(hparams=hparams, metrics=metrics)
+  writer.close()

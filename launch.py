@@ -71,6 +71,9 @@ def main(argv):
                jax.process_count(), jax.local_devices())
   logging.info('Workdir: %s', workdir)
   try:
+    if FLAGS.sweep and FLAGS.mode != 'train':
+      raise UserError(f'--sweep trains its points; it does not combine with '
+                      f'--mode {FLAGS.mode} (run that on a point\'s workdir).')
     if FLAGS.sweep:
       from mnist_jax import sweep_run  # pylint: disable=g-import-not-at-top
       sys.exit(sweep_run.run_from_file(flags.FLAGS['config'].config_filename,

@@ -9,8 +9,9 @@ so that a point that crashes, even hard, cannot take the sweep down, and
 Each sub-workdir holds, besides what training writes there:
 
 * `sweep_config.json`: the point's full config; the worker trains from it.
-* `sweep_status.json`: written by the parent only: 'running', 'done' or
-  'failed' (+ error), attempts and the wall time summed over attempts.
+* `sweep_status.json`: written by the parent only: 'running', 'done',
+  'failed' (+ error) or 'interrupted' (pre-empted by SIGTERM after saving a
+  checkpoint), attempts and the wall time summed over attempts.
 * `sweep_log.txt`: the worker's stdout and stderr.
 
 Re-running skips points whose status is 'done' and whose `metrics.json` is
@@ -42,6 +43,11 @@ STATUS_FILE = 'sweep_status.json'
 ERROR_FILE = 'sweep_error.txt'
 LOG_FILE = 'sweep_log.txt'
 METRICS_FILE = 'metrics.json'  # Written by train.train_and_evaluate.
+
+# A point stopped by SIGTERM after saving a checkpoint (launch.py's exit
+# status for it is 128 + SIGTERM): not failed; the next run resumes it.
+_EXIT_PREEMPTED = 143
+_PREEMPTED = 'pre-empted (SIGTERM) after saving a checkpoint; re-run to resume'
 
 _PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -142,13 +148,18 @@ def _finish(point: Point, error: str | None) -> None:
   status['wall_seconds'] += time.time() - status.pop('started')
   if error is None and read_metrics(point.workdir) is None:
     error = f'no complete {METRICS_FILE} was written'
-  status['status'] = 'failed' if error else 'done'
+  if error == _PREEMPTED:
+    status['status'] = 'interrupted'
+  else:
+    status['status'] = 'failed' if error else 'done'
   status['error'] = error
   _write_json(os.path.join(point.workdir, STATUS_FILE), status)
 
 
 def _error_of_process(point: Point, returncode: int) -> str:
   """The worker's own account of its error, else the log's last line."""
+  if returncode in (_EXIT_PREEMPTED, -15):
+    return _PREEMPTED
   try:
     with open(os.path.join(point.workdir, ERROR_FILE)) as f:
       return f.read().strip()
@@ -166,10 +177,10 @@ def _error_of_process(point: Point, returncode: int) -> str:
 def _run_in_process(point: Point) -> str | None:
   from mnist_jax import train  # pylint: disable=g-import-not-at-top
   try:
-    train.train_and_evaluate(point.config, point.workdir)
+    result = train.train_and_evaluate(point.config, point.workdir)
   except Exception as e:  # pylint: disable=broad-except
     return _describe(e)
-  return None
+  return _PREEMPTED if result and result.get('stopped_early') else None
 
 
 def _describe(e: BaseException) -> str:
@@ -197,7 +208,8 @@ def _report(point: Point, index: str) -> None:
     _log(f'[{index}] {point.name}: done in {status["wall_seconds"]:.0f} s, '
          f'best validation accuracy {row["best_validation_accuracy"]:.2%}')
   else:
-    _log(f'[{index}] {point.name}: FAILED: {status["error"]}')
+    _log(f'[{index}] {point.name}: {status["status"].upper()}: '
+         f'{status["error"]}')
 
 
 def run_sweep(config: ml_collections.ConfigDict,
@@ -307,12 +319,12 @@ def _run_processes(todo: list[Point], parallel: int, python: str,
           rc = proc.returncode
           finished(point, None if rc == 0 else _error_of_process(point, rc))
   finally:
-    # Interrupted (e.g. Ctrl-C): stop our workers; their points stay
-    # 'running' and resume from their checkpoints when the sweep re-runs.
+    # Interrupted (e.g. Ctrl-C): stop our workers (SIGTERM: they save a
+    # checkpoint); the next run of the sweep resumes them from it.
     for _, proc in running.values():
       proc.terminate()
-    for _, proc in running.values():
-      proc.wait()
+    for point, proc in running.values():
+      _finish(point, _error_of_process(point, proc.wait()))
 
 
 # ------------------------------------------------------------------- worker
@@ -324,13 +336,13 @@ def _worker_main(point_workdir: str) -> int:
   config = ml_collections.ConfigDict(
       _read_json(os.path.join(point_workdir, CONFIG_FILE)))
   try:
-    train.train_and_evaluate(config, point_workdir)
+    result = train.train_and_evaluate(config, point_workdir)
   except Exception as e:  # pylint: disable=broad-except
     traceback.print_exc()
     with open(os.path.join(point_workdir, ERROR_FILE), 'w') as f:
       f.write(_describe(e))
     return 1
-  return 0
+  return _EXIT_PREEMPTED if result and result.get('stopped_early') else 0
 
 
 if __name__ == '__main__':

@@ -231,6 +231,7 @@ def get_config():
   config = conftest.tiny_config_for({data!r})
   config.num_epochs = 1
   config.num_train_steps = 5
+  config.checkpoint_every_steps = 2
   return config
 
 def get_sweep():
@@ -239,27 +240,50 @@ def get_sweep():
 
 
 @pytest.mark.slow
-def test_launch_sweep_in_parallel_worker_processes(idx_dir, tmp_path):
+def test_launch_sweep_parallel_workers_crash_and_resume(idx_dir, tmp_path,
+                                                         capfd):
   config_file = tmp_path / 'tiny_sweep.py'
   config_file.write_text(_CONFIG_FILE.format(
       tests=os.path.join(ROOT, 'tests'), data=idx_dir))
   workdir = str(tmp_path / 'w')
+  # Every worker is SIGKILLed in step 3, after its step-2 checkpoint landed:
+  # a hard crash that only a separate process survives.
+  env = dict(os.environ, MNIST_JAX_TEST_FAULT='kill_in_step:3')
   proc = subprocess.run(
       [sys.executable, 'launch.py', '--config', str(config_file), '--sweep',
        '--sweep_parallel=2', '--workdir', workdir, '--config.weight_decay=0'],
-      cwd=ROOT, capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 1, proc.stdout + proc.stderr  # One point failed.
-  assert '1 of 2 points failed (batch_size=1024)' in proc.stderr
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 1, proc.stdout + proc.stderr
   assert '2 to run, 2 at a time' in proc.stdout
-  assert '| 1 | 1 |  |' in proc.stdout  # The table is printed, seed=1 first.
-
-  with open(os.path.join(workdir, 'seed=1', 'metrics.json')) as f:
-    config = json.load(f)['config']
-  assert config['seed'] == 1 and config['weight_decay'] == 0  # CLI override.
-  status = json.load(open(os.path.join(workdir, 'batch_size=1024',
-                                       'sweep_status.json')))
-  assert status['status'] == 'failed'
+  assert '2 of 2 points failed (seed=1, batch_size=1024)' in proc.stderr
+  assert '| 1 | 1 |  |' in proc.stdout  # The table is printed.
+  status = {name: json.load(open(os.path.join(workdir, name,
+                                              'sweep_status.json')))
+            for name in ('seed=1', 'batch_size=1024')}
+  assert status['seed=1']['error'].startswith('worker exited with status -9')
   # The worker's own one-line account, not just an exit status.
-  assert status['error'].startswith('ConfigError: config.batch_size=1024')
+  assert status['batch_size=1024']['error'].startswith(
+      'ConfigError: config.batch_size=1024 is larger')
   with open(os.path.join(workdir, 'batch_size=1024', 'sweep_log.txt')) as f:
     assert 'Traceback' in f.read()
+
+  # Re-running (in-process here, to keep the test fast) resumes the crashed
+  # point from its checkpoint with the command line's override kept.
+  sys.path.insert(0, str(tmp_path))
+  try:
+    import tiny_sweep  # pylint: disable=g-import-not-at-top
+  finally:
+    sys.path.remove(str(tmp_path))
+  config = tiny_sweep.get_config()
+  config.weight_decay = 0.0
+  capfd.readouterr()
+  points = sweep_run.run_sweep(config, tiny_sweep.get_sweep(), workdir,
+                               in_process=True)
+  assert 'Resuming from step 2' in capfd.readouterr().out
+  assert [p.status['status'] for p in points] == ['done', 'failed']
+  assert [p.status['attempts'] for p in points] == [2, 2]
+  with open(os.path.join(workdir, 'seed=1', 'metrics.json')) as f:
+    metrics = json.load(f)
+  assert metrics['step'] == 5
+  assert metrics['config']['seed'] == 1
+  assert metrics['config']['weight_decay'] == 0

@@ -384,5 +384,9 @@ class CheckpointHook(train.Hook):
 
   def _maybe_inject(self, kind, step):
     if self._fault == (kind, step):
+      if kind == 'kill_in_step':
+        # Deterministic: the earlier async save has landed; only the step
+        # in flight is lost.
+        self.manager.wait_until_finished()
       sig = signal.SIGTERM if kind == 'term' else signal.SIGKILL
       os.kill(os.getpid(), sig)

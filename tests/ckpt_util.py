@@ -1,5 +1,6 @@
 """Helpers shared by the checkpoint tests (in-process and subprocess)."""
 
+import json
 import os
 import shutil
 
@@ -53,3 +54,23 @@ def copy_steps(src_workdir, dst_workdir, keep):
   os.makedirs(dst)
   for step in keep:
     shutil.copytree(os.path.join(src, str(step)), os.path.join(dst, str(step)))
+
+
+def reference_run(tmp_path_factory, idx_dir):
+  """An uninterrupted 2-epoch tiny run (36 steps, saves at 10, 20, 30, 36).
+
+  Built once per session (both checkpoint test modules use it): returns
+  (config, workdir, result, final params).
+  """
+  from conftest import tiny_config_for  # pylint: disable=g-import-not-at-top
+  config = tiny_config_for(idx_dir)
+  workdir = str(tmp_path_factory.getbasetemp() / 'ckpt_reference')
+  done = os.path.join(workdir, 'result.json')
+  if not os.path.exists(done):
+    shutil.rmtree(workdir, ignore_errors=True)
+    result = run(config, workdir)
+    with open(done, 'w') as f:
+      json.dump(result, f)
+  with open(done) as f:
+    result = json.load(f)
+  return config, workdir, result, saved_params(workdir)

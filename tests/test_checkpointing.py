@@ -18,12 +18,7 @@ from mnist_jax.errors import ConfigError
 
 @pytest.fixture(scope='module')
 def reference(tmp_path_factory, idx_dir):
-  """An uninterrupted 2-epoch tiny run (36 steps, saves at 10, 20, 30, 36)."""
-  from conftest import tiny_config_for  # pylint: disable=g-import-not-at-top
-  config = tiny_config_for(idx_dir)
-  workdir = str(tmp_path_factory.mktemp('reference'))
-  result = ckpt_util.run(config, workdir)
-  return config, workdir, result, ckpt_util.saved_params(workdir)
+  return ckpt_util.reference_run(tmp_path_factory, idx_dir)
 
 
 def test_saves_state_config_and_metrics(reference):
@@ -191,19 +186,36 @@ class _NaNLearningRateFrom(train.Hook):
     return state.replace(tx=train.create_optimizer(ctx.config, bad))
 
 
-@pytest.mark.parametrize('every,raised_by', [(10, 'loop'), (5, 'save')])
-def test_non_finite_state_is_never_saved(tiny_config, tmp_path, every,
-                                         raised_by):
-  tiny_config.checkpoint_every_steps = every
-  # Step 13 uses the NaN rate: its parameters are NaN, step 14's loss is NaN.
+def test_non_finite_loss_stops_naming_the_last_good_checkpoint(tiny_config,
+                                                              tmp_path):
+  # Step 13 uses the NaN rate: its parameters are NaN, step 14's loss is NaN,
+  # found by the loop one dispatch late (before any save at step 20).
   with pytest.raises(train.NonFiniteLossError) as e:
     ckpt_util.run(tiny_config, str(tmp_path),
                   extra_hooks=[_NaNLearningRateFrom(12)])
   good = os.path.join(str(tmp_path), 'checkpoints', '10')
+  assert 'at step 14' in str(e.value)
   assert f'Last good checkpoint: {good}' in str(e.value)
-  if raised_by == 'loop':
-    assert 'at step 14' in str(e.value)
-    assert ckpt_util.steps(str(tmp_path)) == [10]
-  else:
-    assert 'not finite at step 15' in str(e.value)
-    assert ckpt_util.steps(str(tmp_path)) == [5, 10]
+  assert ckpt_util.steps(str(tmp_path)) == [10]
+
+
+def test_save_refuses_a_non_finite_state(tiny_config, tmp_path):
+  # A save step that falls right after the loss went NaN (before the loop
+  # sees the loss): the hook's own check must refuse to save.
+  ctx = train.setup(tiny_config, str(tmp_path))
+  state = train.put_replicated(train.create_train_state(
+      tiny_config, ctx.model, ctx.learning_rate_fn, ctx.rngs['init']),
+                               ctx.mesh)
+  hook = checkpointing.CheckpointHook(tiny_config)
+  state = hook.on_train_start(ctx, state)
+  try:
+    ctx.last_good_checkpoint = '/runs/x/checkpoints/10'
+    nan_mu = jax.tree.map(lambda x: x * jnp.nan, state.opt_state)
+    with pytest.raises(train.NonFiniteLossError,
+                       match=r'not finite at step 15.*it was not saved. Last '
+                       'good checkpoint: /runs/x/checkpoints/10'):
+      hook.save(ctx, 15, state.replace(opt_state=nan_mu))
+    hook.save(ctx, 16, state)
+  finally:
+    hook.on_train_end(ctx, 16, state, None)
+  assert ckpt_util.steps(str(tmp_path)) == [16]

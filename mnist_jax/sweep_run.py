@@ -249,6 +249,7 @@ def run_sweep(config: ml_collections.ConfigDict,
     point.status = _read_json(os.path.join(point.workdir, STATUS_FILE)) or {}
     point.skipped = is_finished(point.workdir)
   os.makedirs(workdir, exist_ok=True)
+  sweep_results.write_hparams_config(workdir, plan)
   todo = [p for p in plan if not p.skipped]
   _log(f'Sweep of {len(plan)} points in {workdir}: {len(plan) - len(todo)} '
        f'already done, {len(todo)} to run'
@@ -270,7 +271,6 @@ def run_sweep(config: ml_collections.ConfigDict,
   else:
     _run_processes(todo, parallel, python, finished)
   sweep_results.write_tables(workdir, plan)
-  sweep_results.write_hparams_config(workdir, plan)
   return plan
 
 

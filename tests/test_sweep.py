@@ -167,6 +167,25 @@ _SWEEP = sweep.product(initial_learning_rate=[0.001, 0.02]) + [
     {'batch_size': 1024}]
 
 
+def _hparams_events(logdir):
+  """What TensorBoard's HParams plugin reads from a run's directory: the
+  session's hyperparameters (or the experiment) and the scalars."""
+  from tensorboard.backend.event_processing import event_accumulator as ea  # pylint: disable=g-import-not-at-top
+  from tensorboard.plugins.hparams import metadata  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  acc = ea.EventAccumulator(logdir, size_guidance={ea.TENSORS: 0})
+  acc.Reload()
+  content = acc.PluginTagToContent('hparams')
+  scalars = {tag: float(tf.make_ndarray(acc.Tensors(tag)[-1].tensor_proto))
+             for tag in acc.Tags()['tensors'] if tag.startswith('sweep/')}
+  if metadata.EXPERIMENT_TAG in content:
+    return metadata.parse_experiment_plugin_data(
+        content[metadata.EXPERIMENT_TAG]), scalars
+  info = metadata.parse_session_start_info_plugin_data(
+      content[metadata.SESSION_START_INFO_TAG])
+  return {k: v.number_value for k, v in info.hparams.items()}, scalars
+
+
 def _mtimes(workdir):
   return {name: os.path.getmtime(os.path.join(workdir, name, 'metrics.json'))
           for name in os.listdir(workdir)
@@ -198,8 +217,16 @@ def test_sweep_ranks_points_records_failure_and_rerun_skips(tiny_config,
     assert metrics['step'] == 5 and row['steps'] == '5'
     assert str(metrics['config']['initial_learning_rate']) == row[
         'initial_learning_rate']
-    assert any(f.startswith('events.out.tfevents')  # HParams for TensorBoard.
-               for f in os.listdir(os.path.join(workdir, row['point'])))
+    hparams, scalars = _hparams_events(os.path.join(workdir, row['point']))
+    assert hparams == {'initial_learning_rate': float(
+        row['initial_learning_rate'])}
+    assert scalars['sweep/best_validation_accuracy'] == pytest.approx(
+        float(row['best_validation_accuracy']))
+  experiment, _ = _hparams_events(workdir)  # The dashboard's columns.
+  assert [h.name for h in experiment.hparam_infos] == [
+      'initial_learning_rate', 'batch_size']
+  assert 'sweep/best_validation_accuracy' in [
+      m.name.tag for m in experiment.metric_infos]
   assert rows[-1]['point'] == 'batch_size=1024'
   assert rows[-1]['status'] == 'failed'
   assert 'ConfigError: config.batch_size=1024 is larger' in rows[-1]['error']

@@ -7,6 +7,7 @@ from mnist_jax.errors import ConfigError
 DATA_SOURCES = ('tfds', 'idx')
 LOWERINGS = ('fast', 'reference')
 DTYPES = ('float32', 'bfloat16')
+PARALLELISMS = ('jit', 'pmap')
 
 
 def validate(config) -> None:
@@ -43,6 +44,8 @@ def validate(config) -> None:
         f'use one of {LOWERINGS}.')
   check(config.get('dtype', 'float32') in DTYPES, 'dtype',
         f'use one of {DTYPES}.')
+  check(config.get('parallelism', 'jit') in PARALLELISMS, 'parallelism',
+        f'use one of {PARALLELISMS}.')
   check(config.data.num_validation > 0, 'data.num_validation', 'must be > 0.')
   profile_steps = config.get('profile_steps', 0)
   check(isinstance(profile_steps, int) and profile_steps >= 0, 'profile_steps',

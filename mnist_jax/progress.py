@@ -47,11 +47,13 @@ class ProgressHook(train_lib.Hook):
     self._bar = None
     self._report = None
     self._t0 = self._step0 = None  # Start of the non-TTY rate measurement.
+    self._enabled = True
 
   def on_train_start(self, ctx, state):
     self._report = periodic_actions.ReportProgress(
         num_train_steps=ctx.total_steps, every_secs=self.report_every_secs)
     self._step0 = None
+    self._enabled = jax.process_index() == 0  # One bar, not one per host.
     return state
 
   def on_steps(self, ctx, step, state):
@@ -59,6 +61,8 @@ class ProgressHook(train_lib.Hook):
       self._report(step)  # Host-side timing only; never blocks on the device.
 
   def on_metrics(self, ctx, first_step, metrics):
+    if not self._enabled:
+      return
     n = len(metrics.loss.total)
     last = first_step + n
     loss = float(metrics.loss.total[-1] / metrics.loss.count[-1])

@@ -100,3 +100,10 @@ def test_profile_hook_traces_the_requested_steps(monkeypatch, tmp_path):
     seen += [(step,) + c for c in calls[before:]]
   hook.on_train_end(ctx, 40, None, {})
   assert seen == [(5, 'start', str(tmp_path)), (8, 'stop')]
+
+
+def test_only_process_zero_prints(monkeypatch):
+  monkeypatch.setattr(jax, 'process_index', lambda: 1)
+  for stream in (FakeTTY(), io.StringIO()):
+    drive(progress.ProgressHook(stream=stream), fake_ctx())
+    assert stream.getvalue() == ''

@@ -26,8 +26,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from typing import Any, Callable, Sequence
@@ -194,7 +196,10 @@ def _popen(point: Point, python: str) -> subprocess.Popen:
   with open(os.path.join(point.workdir, LOG_FILE), 'a') as log:
     return subprocess.Popen(
         [python, '-m', 'mnist_jax.sweep_run', point.workdir], env=env,
-        stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+        stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+        # Own session: a terminal's Ctrl-C reaches only the sweep, which then
+        # stops the workers with SIGTERM so that they save a checkpoint.
+        start_new_session=True)
 
 
 def _log(message: str) -> None:
@@ -286,10 +291,16 @@ def run_from_file(config_filename: str, config: ml_collections.ConfigDict,
     parallel: points run at once.
 
   Returns:
-    The exit status: 0 if every point is done, 1 if any failed.
+    The exit status: 0 if every point is done, 1 if any failed, 143 if the
+    sweep was interrupted (Ctrl-C or SIGTERM).
   """
-  points = run_sweep(config, sweep_lib.load_sweep(config_filename), workdir,
-                     parallel=parallel)
+  try:
+    points = run_sweep(config, sweep_lib.load_sweep(config_filename),
+                       workdir, parallel=parallel)
+  except KeyboardInterrupt:
+    print('Sweep interrupted; run the same command again to resume it.',
+          file=sys.stderr, flush=True)
+    return _EXIT_PREEMPTED
   with open(os.path.join(workdir, sweep_results.MD_FILE)) as f:
     _log('\n' + f.read())
   failed = [p.name for p in points if p.status.get('status') != 'done']
@@ -305,6 +316,15 @@ def _run_processes(todo: list[Point], parallel: int, python: str,
                    finished: Callable[[Point, str | None], None]) -> None:
   """Keeps up to `parallel` worker processes busy until all points ran."""
   queue, running = list(todo), {}
+
+  def on_sigterm(signum, frame):
+    del signum, frame
+    raise KeyboardInterrupt('SIGTERM')
+
+  # A pre-empted sweep stops its workers too, rather than orphaning them.
+  old_handler = None
+  if threading.current_thread() is threading.main_thread():
+    old_handler = signal.signal(signal.SIGTERM, on_sigterm)
   try:
     while queue or running:
       while queue and len(running) < parallel:
@@ -325,6 +345,8 @@ def _run_processes(todo: list[Point], parallel: int, python: str,
       proc.terminate()
     for point, proc in running.values():
       _finish(point, _error_of_process(point, proc.wait()))
+    if old_handler is not None:
+      signal.signal(signal.SIGTERM, old_handler)
 
 
 # ------------------------------------------------------------------- worker

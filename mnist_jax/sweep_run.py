@@ -260,10 +260,13 @@ def run_sweep(config: ml_collections.ConfigDict,
        f'already done, {len(todo)} to run'
        + (f', {parallel} at a time.' if todo and not in_process else '.'))
 
-  def finished(point: Point, error: str | None, count=[0]):  # pylint: disable=dangerous-default-value
+  count = 0
+
+  def finished(point: Point, error: str | None):
+    nonlocal count
     _finish(point, error)
-    count[0] += 1
-    _report(point, f'{count[0]}/{len(todo)}')
+    count += 1
+    _report(point, f'{count}/{len(todo)}')
     sweep_results.write_point_hparams(point)
     sweep_results.write_tables(workdir, plan)
     if on_finish:
@@ -273,6 +276,8 @@ def run_sweep(config: ml_collections.ConfigDict,
     for point in todo:
       _start(point)
       finished(point, _run_in_process(point))
+      if point.status['status'] == 'interrupted':
+        break  # This process got SIGTERM: stop here, resume on re-run.
   else:
     _run_processes(todo, parallel, python, finished)
   sweep_results.write_tables(workdir, plan)

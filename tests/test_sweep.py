@@ -86,6 +86,11 @@ def test_validation_accepts_int_for_float_and_keeps_base_config(tiny_config):
   assert point == {'initial_learning_rate': 1, 'data.num_validation': 50}
 
 
+def test_parallel_must_be_positive(tiny_config, tmp_path):
+  with pytest.raises(ConfigError, match='--sweep_parallel=0: must be a pos'):
+    sweep_run.run_sweep(tiny_config, [{'seed': 1}], str(tmp_path), parallel=0)
+
+
 @pytest.mark.parametrize('points, message', [
     ([], 'no points'), ({'seed': [1]}, 'must return a list'),
     ([{'seed': 1}, {'seed': 1}], 'repeats point 1'), ([3], 'must be dicts')])

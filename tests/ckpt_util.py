@@ -3,10 +3,14 @@
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import jax
 import numpy as np
 
+from configs import default
+from conftest import ROOT
 from mnist_jax import checkpointing
 from mnist_jax import train
 
@@ -56,6 +60,55 @@ def copy_steps(src_workdir, dst_workdir, keep):
     shutil.copytree(os.path.join(src, str(step)), os.path.join(dst, str(step)))
 
 
+def _flags(config, prefix='config'):
+  """--config.x=v flags for every field where `config` differs from default."""
+  base = default.get_config()
+  out = []
+
+  def walk(node, ref, path):
+    for key, value in node.items():
+      if hasattr(value, 'items'):
+        walk(value, ref[key], f'{path}.{key}')
+      elif key not in ref or ref[key] != value:
+        out.append(f'--{path}.{key}={value}')
+  walk(config, base, prefix)
+  return out
+
+
+def launch(cache, workdir, config, *extra, fault=None, devices=1,
+            lean=False, timeout=240):
+  """Runs `launch.py` (or, lean, tests/ckpt_driver.py) in a new process."""
+  env = dict(os.environ)
+  env.pop(checkpointing._FAULT_ENV, None)  # pylint: disable=protected-access
+  if fault:
+    env[checkpointing._FAULT_ENV] = fault  # pylint: disable=protected-access
+  env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') +
+                      f' --xla_force_host_platform_device_count={devices}')
+  env.update(JAX_COMPILATION_CACHE_DIR=str(cache),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+             JAX_PLATFORMS='cpu')
+  if lean:
+    cmd = [sys.executable, os.path.join(ROOT, 'tests', 'ckpt_driver.py'),
+           workdir, json.dumps(config.to_dict())]
+  else:
+    flags = _flags(config)
+    if 'write_report' in default.get_config():
+      flags.append('--config.write_report=False')  # not what is tested here
+    cmd = [sys.executable, os.path.join(ROOT, 'launch.py'), '--config',
+           os.path.join(ROOT, 'configs', 'default.py'), '--workdir', workdir,
+           *flags, *extra]
+  return subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True,
+                        text=True, timeout=timeout, check=False)
+
+
+def xla_cache(tmp_path_factory):
+  """A persistent XLA compilation cache for the test subprocesses (per
+  session): only the first process pays for compiling each function."""
+  path = tmp_path_factory.getbasetemp() / 'ckpt_xla_cache'
+  path.mkdir(exist_ok=True)
+  return path
+
+
 def reference_run(tmp_path_factory, idx_dir):
   """An uninterrupted 2-epoch tiny run (36 steps, saves at 10, 20, 30, 36).
 
@@ -67,10 +120,12 @@ def reference_run(tmp_path_factory, idx_dir):
   workdir = str(tmp_path_factory.getbasetemp() / 'ckpt_reference')
   done = os.path.join(workdir, 'result.json')
   if not os.path.exists(done):
+    # In a process of its own: it fills the compilation cache for the
+    # fault tests' processes.
     shutil.rmtree(workdir, ignore_errors=True)
-    result = run(config, workdir)
-    with open(done, 'w') as f:
-      json.dump(result, f)
+    p = launch(xla_cache(tmp_path_factory), workdir, config, lean=True)
+    assert p.returncode == 0, p.stderr[-3000:]
+    os.rename(os.path.join(workdir, 'metrics.json'), done)
   with open(done) as f:
     result = json.load(f)
   return config, workdir, result, saved_params(workdir)

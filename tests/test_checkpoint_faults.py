@@ -11,15 +11,11 @@ import json
 import os
 import re
 import signal
-import subprocess
-import sys
 
 import pytest
 
 import ckpt_util
-from conftest import ROOT
 from conftest import tiny_config_for
-from configs import default
 from mnist_jax import checkpoint_tools
 from mnist_jax import checkpointing
 
@@ -31,51 +27,10 @@ def reference(tmp_path_factory, idx_dir):
   return ckpt_util.reference_run(tmp_path_factory, idx_dir)
 
 
-def _flags(config, prefix='config'):
-  """--config.x=v flags for every field where `config` differs from default."""
-  base = default.get_config()
-  out = []
-
-  def walk(node, ref, path):
-    for key, value in node.items():
-      if hasattr(value, 'items'):
-        walk(value, ref[key], f'{path}.{key}')
-      elif key not in ref or ref[key] != value:
-        out.append(f'--{path}.{key}={value}')
-  walk(config, base, prefix)
-  return out
-
-
-def _launch(cache, workdir, config, *extra, fault=None, devices=1,
-            lean=False, timeout=240):
-  """Runs `launch.py` (or, lean, tests/ckpt_driver.py) in a new process."""
-  env = dict(os.environ)
-  env.pop(checkpointing._FAULT_ENV, None)  # pylint: disable=protected-access
-  if fault:
-    env[checkpointing._FAULT_ENV] = fault  # pylint: disable=protected-access
-  env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') +
-                      f' --xla_force_host_platform_device_count={devices}')
-  env.update(JAX_COMPILATION_CACHE_DIR=str(cache),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
-             JAX_PLATFORMS='cpu')
-  if lean:
-    cmd = [sys.executable, os.path.join(ROOT, 'tests', 'ckpt_driver.py'),
-           workdir, json.dumps(config.to_dict())]
-  else:
-    flags = _flags(config)
-    if 'write_report' in default.get_config():
-      flags.append('--config.write_report=False')  # not what is tested here
-    cmd = [sys.executable, os.path.join(ROOT, 'launch.py'), '--config',
-           os.path.join(ROOT, 'configs', 'default.py'), '--workdir', workdir,
-           *flags, *extra]
-  return subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True,
-                        text=True, timeout=timeout, check=False)
-
-
 @pytest.fixture(scope='module')
 def cache(tmp_path_factory):
   """A persistent XLA cache shared by this module's processes."""
-  return tmp_path_factory.mktemp('xla_cache')
+  return ckpt_util.xla_cache(tmp_path_factory)
 
 
 def _partial_saves(workdir):
@@ -90,7 +45,7 @@ def test_kills_and_preemption_resume_exactly(reference, cache, tmp_path,
 
   def launch(fault, expected_rc):
     # SIGKILLs in lean processes; the pre-emption through launch.py itself.
-    p = _launch(cache, workdir, config, fault=fault,
+    p = ckpt_util.launch(cache, workdir, config, fault=fault,
                 lean=not fault.startswith('term'))
     assert p.returncode == expected_rc, (fault, p.stdout, p.stderr[-3000:])
     return p.stdout
@@ -131,7 +86,7 @@ def test_checkpoints_move_between_device_counts(reference, idx_dir, cache,
   assert jax.device_count() != 8  # the in-process side is the "other" machine
   config, ref_workdir, ref_result, _ = reference
   # Saved on 1 device, evaluated on 8, through `launch.py --mode eval`.
-  p = _launch(cache, ref_workdir, config, '--mode=eval', devices=8)
+  p = ckpt_util.launch(cache, ref_workdir, config, '--mode=eval', devices=8)
   assert p.returncode == 0, p.stderr[-3000:]
   assert _accuracy(p.stdout) == round(
       100 * ref_result['final']['test_accuracy'], 2)
@@ -142,7 +97,7 @@ def test_checkpoints_move_between_device_counts(reference, idx_dir, cache,
   short.num_train_steps = 6
   short.checkpoint_every_steps = 3
   workdir = str(tmp_path / 'eight')
-  p = _launch(cache, workdir, short, devices=8, lean=True)
+  p = ckpt_util.launch(cache, workdir, short, devices=8, lean=True)
   assert p.returncode == 0, p.stderr[-3000:]
   assert ckpt_util.steps(workdir) == [3, 6]
   with open(os.path.join(workdir, 'metrics.json')) as f:

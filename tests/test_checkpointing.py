@@ -38,22 +38,21 @@ def test_saves_state_config_and_metrics(reference):
 
 
 def test_resume_mid_epoch_is_bitwise_identical(reference, tmp_path, capsys):
-  config, _, ref_result, ref_params = reference
+  config, ref_workdir, ref_result, ref_params = reference
   workdir = str(tmp_path)
-  first = config.copy_and_resolve_references()
-  first.num_train_steps = 25  # stops mid-epoch 2 (18 steps per epoch)
-  first.max_checkpoints_to_keep = 2
-  ckpt_util.run(first, workdir)
-  assert ckpt_util.steps(workdir) == [20, 25]  # keep-N dropped step 10
-  capsys.readouterr()
-  second = config.copy_and_resolve_references()
-  second.max_checkpoints_to_keep = 2
-  result = ckpt_util.run(second, workdir)
-  assert 'Resuming from step 25' in capsys.readouterr().out
-  assert ckpt_util.steps(workdir) == [30, 36]
+  # The reference's checkpoints up to step 30 (epoch 2 ends at 36), as if
+  # it had been interrupted there.
+  ckpt_util.copy_steps(ref_workdir, workdir, [10, 20, 30])
+  resumed = config.copy_and_resolve_references()
+  resumed.max_checkpoints_to_keep = 2
+  resumed.num_epochs = 3  # duration may change: extend, then stop at 36
+  resumed.num_train_steps = 36
+  result = ckpt_util.run(resumed, workdir)
+  assert 'Resuming from step 30' in capsys.readouterr().out
+  assert ckpt_util.steps(workdir) == [30, 36]  # keep-N dropped 10 and 20
   ckpt_util.assert_bitwise_equal(ckpt_util.saved_params(workdir), ref_params)
   # metrics.json carries the epochs of both processes.
-  assert [r['step'] for r in result['epochs']] == [18, 25, 36]
+  assert [r['step'] for r in result['epochs']] == [18, 36]
   assert result['final'] == ref_result['final']
 
 

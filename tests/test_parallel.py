@@ -312,3 +312,25 @@ def test_process_local_data_takes_only_the_local_rows():
   mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ('data',))
   sharding = jax.NamedSharding(mesh, jax.P(None, 'data'))
   np.testing.assert_array_equal(parallel.global_array(host, sharding), host)
+
+
+# ----------------------------------------------------------- configs/tpu.py
+
+def test_tpu_config():
+  from configs import tpu  # pylint: disable=g-import-not-at-top
+  from mnist_jax import config_lib  # pylint: disable=g-import-not-at-top
+  config = tpu.get_config()
+  config_lib.validate(config)
+  for devices in (4, 8):  # v4-8 (megacore) and v5e-8
+    assert config.batch_size % devices == 0
+    assert config.eval_batch_size % devices == 0
+  assert config.steps_per_dispatch > 1
+  assert config.checkpoint_every_steps % config.steps_per_dispatch == 0
+  assert config.dtype == 'float32' and config.parallelism == 'jit'
+  config = tpu.get_config('bucket=my-bucket,bf16')
+  config_lib.validate(config)
+  assert config.dtype == 'bfloat16'
+  assert config.data.dir == 'gs://my-bucket/tensorflow_datasets'
+  assert config.compilation_cache_dir == 'gs://my-bucket/jax_cache'
+  with pytest.raises(ValueError, match='Unknown config argument'):
+    tpu.get_config('v6e')

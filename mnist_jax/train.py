@@ -166,9 +166,17 @@ def eval_step(params, batch, *, model) -> metrics_lib.EvalMetrics:
 # ------------------------------------------------ device-resident data + jit
 
 def create_mesh(devices=None) -> jax.sharding.Mesh:
-  """A 1-D mesh over all (or the given) devices with a 'data' axis."""
-  devices = jax.devices() if devices is None else devices
-  return jax.sharding.Mesh(np.asarray(devices), ('data',))
+  """A 1-D mesh over all (or the given) devices with a 'data' axis.
+
+  `jax.make_mesh` orders the devices for the hardware's interconnect (on TPU
+  slices, so that the gradient all-reduce runs over neighbouring chips). The
+  axis is 'Auto': shardings are hints that XLA propagates, as `jax.jit`
+  with `with_sharding_constraint` expects.
+  """
+  devices = jax.devices() if devices is None else list(devices)
+  return jax.make_mesh((len(devices),), ('data',),
+                       axis_types=(jax.sharding.AxisType.Auto,),
+                       devices=devices)
 
 
 def put_replicated(tree, mesh):

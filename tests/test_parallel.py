@@ -334,3 +334,22 @@ def test_tpu_config():
   assert config.compilation_cache_dir == 'gs://my-bucket/jax_cache'
   with pytest.raises(ValueError, match='Unknown config argument'):
     tpu.get_config('v6e')
+
+
+def test_launch_bad_distributed_setting_is_one_line_error(tmp_path):
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.Popen(
+      [sys.executable, os.path.join(root, 'launch.py'), '--config',
+       os.path.join(root, 'configs/default.py'), '--workdir', str(tmp_path),
+       '--config.distributed.initialize=maybe'],
+      env=_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+      start_new_session=True)
+  try:
+    _, err = proc.communicate(timeout=120)
+  finally:
+    if proc.poll() is None:
+      os.killpg(proc.pid, signal.SIGKILL)
+      proc.wait()
+  assert proc.returncode == 2, err[-2000:]
+  assert err.strip().splitlines()[-1].startswith(
+      "Error: config.distributed.initialize='maybe'")

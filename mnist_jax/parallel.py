@@ -36,6 +36,7 @@ import os
 
 from absl import logging
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 
@@ -191,7 +192,13 @@ def make_pmap_train_fn(config, learning_rate_fn, num_train: int, mesh):
       out_shardings=jax.NamedSharding(mesh, jax.P('data')))
 
   def train_fn(state, data, perm, rng, num_steps: int):
-    return pmapped(replicate(state), data, perm, rng, num_steps)
+    out = pmapped(replicate(state), data, perm, rng, num_steps)
+    if jax.process_count() > 1:
+      # Multi-host pmap returns host-local arrays; the replicated values are
+      # the same on every host, so they re-wrap as global arrays (no copy).
+      out = multihost_utils.host_local_array_to_global_array(
+          out, mesh, jax.P())
+    return out
 
   return train_fn
 

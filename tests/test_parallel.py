@@ -186,13 +186,17 @@ def _two_processes(idx_dir, tmp, name, runs):
 @pytest.fixture(scope='module')
 def two_processes(idx_dir, tmp_path_factory):
   """2 processes x 2 devices: train 3 steps (checkpoint), stop; a second
-  pair of processes resumes to step 6; returns both phases and the workdir."""
+  pair of processes resumes to step 6, then runs the pmap path; returns both
+  phases and the workdir."""
   tmp = str(tmp_path_factory.mktemp('two_processes'))
   run = {'name': 'run', 'checkpoint': True, 'overrides': {
       'num_train_steps': STEPS // 2, 'checkpoint_every_steps': STEPS // 2}}
   first = _two_processes(idx_dir, tmp, 'first', [run])
   run['overrides']['num_train_steps'] = STEPS
-  second = _two_processes(idx_dir, tmp, 'second', [run])
+  pmap = {'name': 'pmap', 'overrides': {
+      'num_train_steps': STEPS, 'dropout_keep_prob': 1.0,
+      'parallelism': 'pmap', 'steps_per_dispatch': 3}}
+  second = _two_processes(idx_dir, tmp, 'second', [run, pmap])
   return first, second, os.path.join(tmp, 'run')
 
 
@@ -213,6 +217,13 @@ def test_two_processes_match_one_process_and_resume(one_device,
   # Only process 0 reports.
   assert 'Final test accuracy' in lead_out and 'Epoch' in lead_out
   assert 'Final test accuracy' not in other_out and 'Epoch' not in other_out
+
+
+def test_pmap_in_two_processes_matches_one_process(one_device,
+                                                   two_processes):
+  for result, _ in two_processes[1]:
+    assert result['pmap']['devices'] == 4
+    _assert_same_run(result['pmap'], one_device['nodrop'])
 
 
 def test_each_process_gathers_only_its_share_of_the_global_batch(

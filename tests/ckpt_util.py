@@ -75,8 +75,8 @@ def _flags(config, prefix='config'):
   return out
 
 
-def launch(cache, workdir, config, *extra, fault=None, devices=1,
-            lean=False, timeout=240):
+def launch(workdir, config, *extra, fault=None, devices=1,
+           lean=False, timeout=240):
   """Runs `launch.py` (or, lean, tests/ckpt_driver.py) in a new process."""
   env = dict(os.environ)
   env.pop(checkpointing._FAULT_ENV, None)  # pylint: disable=protected-access
@@ -84,12 +84,12 @@ def launch(cache, workdir, config, *extra, fault=None, devices=1,
     env[checkpointing._FAULT_ENV] = fault  # pylint: disable=protected-access
   env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') +
                       f' --xla_force_host_platform_device_count={devices}')
-  env.update(JAX_COMPILATION_CACHE_DIR=str(cache),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
-             JAX_PLATFORMS='cpu')
+  # The project's persistent compilation cache (train.setup turns it on)
+  # is shared by the processes: only the first one compiles.
+  env['JAX_PLATFORMS'] = 'cpu'
   if lean:
     cmd = [sys.executable, os.path.join(ROOT, 'tests', 'ckpt_driver.py'),
-           workdir, json.dumps(config.to_dict())]
+           workdir, json.dumps(config.to_dict()), *extra]
   else:
     flags = _flags(config)
     if 'write_report' in default.get_config():
@@ -99,14 +99,6 @@ def launch(cache, workdir, config, *extra, fault=None, devices=1,
            *flags, *extra]
   return subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True,
                         text=True, timeout=timeout, check=False)
-
-
-def xla_cache(tmp_path_factory):
-  """A persistent XLA compilation cache for the test subprocesses (per
-  session): only the first process pays for compiling each function."""
-  path = tmp_path_factory.getbasetemp() / 'ckpt_xla_cache'
-  path.mkdir(exist_ok=True)
-  return path
 
 
 def reference_run(tmp_path_factory, idx_dir):
@@ -120,10 +112,9 @@ def reference_run(tmp_path_factory, idx_dir):
   workdir = str(tmp_path_factory.getbasetemp() / 'ckpt_reference')
   done = os.path.join(workdir, 'result.json')
   if not os.path.exists(done):
-    # In a process of its own: it fills the compilation cache for the
-    # fault tests' processes.
+    # In a process of its own, like the fault tests' processes.
     shutil.rmtree(workdir, ignore_errors=True)
-    p = launch(xla_cache(tmp_path_factory), workdir, config, lean=True)
+    p = launch(workdir, config, lean=True)
     assert p.returncode == 0, p.stderr[-3000:]
     os.rename(os.path.join(workdir, 'metrics.json'), done)
   with open(done) as f:

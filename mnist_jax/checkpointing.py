@@ -239,11 +239,15 @@ def check_same_run(saved: dict[str, Any], config, directory: str) -> None:
 
 # ------------------------------------------------------------- the hook
 
+@jax.jit
+def _finite(leaves) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
 def _all_finite(tree) -> bool:
-  leaves = [x for x in jax.tree.leaves(tree)
-            if jnp.issubdtype(x.dtype, jnp.inexact)]
-  return bool(jax.jit(lambda xs: jnp.all(jnp.stack(
-      [jnp.all(jnp.isfinite(x)) for x in xs])))(leaves))
+  """Whether every float in `tree` is finite (one device pass, one sync)."""
+  return bool(_finite([x for x in jax.tree.leaves(tree)
+                       if jnp.issubdtype(x.dtype, jnp.inexact)]))
 
 
 class CheckpointHook(train.Hook):

@@ -67,13 +67,14 @@ def evaluate_checkpoint(config, workdir: str) -> dict[str, Any]:
   for name, split in ctx.eval_splits.items():
     record.update({f'{name}_{k}': v for k, v in
                    train.evaluate(ctx.eval_fn, params, split).items()})
-  os.makedirs(os.path.join(workdir, 'eval'), exist_ok=True)
-  with open(os.path.join(workdir, 'eval', 'metrics.json'), 'w') as f:
-    json.dump(record, f, indent=1)
-  print(f"Checkpoint {record['checkpoint']}: validation accuracy "
-        f"{record['validation_accuracy']:.2%}, test loss "
-        f"{record['test_loss']:.4f}", flush=True)
-  print(f"Final test accuracy: {record['test_accuracy']:.2%}", flush=True)
+  if jax.process_index() == 0:  # every process evaluates; one writes
+    os.makedirs(os.path.join(workdir, 'eval'), exist_ok=True)
+    with open(os.path.join(workdir, 'eval', 'metrics.json'), 'w') as f:
+      json.dump(record, f, indent=1)
+  checkpointing.say(f"Checkpoint {record['checkpoint']}: validation accuracy "
+                    f"{record['validation_accuracy']:.2%}, test loss "
+                    f"{record['test_loss']:.4f}")
+  checkpointing.say(f"Final test accuracy: {record['test_accuracy']:.2%}")
   return record
 
 

@@ -39,6 +39,7 @@ from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
 from mnist_jax import train
@@ -106,9 +107,15 @@ def _restore(manager, step: int, abstract: dict[str, Any], partial: bool):
       config=ocp.args.JsonRestore(), run=ocp.args.JsonRestore()))
 
 
+def say(message: str, file=None) -> None:
+  """Prints on process 0 only (every process of a multi-host run gets here)."""
+  if jax.process_index() == 0:
+    print(message, file=file or sys.stdout, flush=True)
+
+
 def _warn(message: str) -> None:
   logging.warning('%s', message)
-  print(f'Warning: {message}', file=sys.stderr, flush=True)
+  say(f'Warning: {message}', file=sys.stderr)
 
 
 def restore_latest_good(manager, restore_fn, steps=None):
@@ -286,8 +293,7 @@ class CheckpointHook(train.Hook):
       self.history = list(restored.run.get('history', []))
       ctx.history = list(self.history)
       ctx.last_good_checkpoint = os.path.join(directory, str(step))
-      print(f'Resuming from step {step} ({ctx.last_good_checkpoint}).',
-            flush=True)
+      say(f'Resuming from step {step} ({ctx.last_good_checkpoint}).')
     elif config.get('init_from'):
       state = self._init_from(config.init_from, state)
     self._install_sigterm_handler()
@@ -301,21 +307,25 @@ class CheckpointHook(train.Hook):
                                        step)
     finally:
       manager.close()
-    print(f'Fine-tuning: parameters from {directory}/{step}; fresh optimizer '
-          'state, starting at step 0.', flush=True)
+    say(f'Fine-tuning: parameters from {directory}/{step}; fresh optimizer '
+        'state, starting at step 0.')
     return state.replace(params=params)
 
   def _set_aside(self, directory, steps):
     """Moves unreadable checkpoints newer than the resumed one out of the way
     (never deletes them), so that their steps can be saved again."""
-    if not steps or jax.process_index() != 0:
+    if not steps:
       return
-    aside = os.path.join(os.path.dirname(directory), CORRUPT_DIR)
-    os.makedirs(aside, exist_ok=True)
-    for step in steps:
-      target = os.path.join(aside, f'{step}-{time.strftime("%Y%m%d-%H%M%S")}')
-      os.rename(os.path.join(directory, str(step)), target)
-      _warn(f'moved the unreadable checkpoint of step {step} to {target}.')
+    if jax.process_index() == 0:
+      aside = os.path.join(os.path.dirname(directory), CORRUPT_DIR)
+      os.makedirs(aside, exist_ok=True)
+      for step in steps:
+        target = os.path.join(aside,
+                              f'{step}-{time.strftime("%Y%m%d-%H%M%S")}')
+        os.rename(os.path.join(directory, str(step)), target)
+        _warn(f'moved the unreadable checkpoint of step {step} to {target}.')
+    if jax.process_count() > 1:  # the others wait for the move
+      multihost_utils.sync_global_devices('mnist_jax_set_aside')
     self.manager.reload()
 
   def _install_sigterm_handler(self):
@@ -338,8 +348,8 @@ class CheckpointHook(train.Hook):
                          and self.manager.reached_preemption(step)):
       self.save(ctx, step, state, reason='preempted')
       self.manager.wait_until_finished()
-      print(f'Pre-empted (SIGTERM): saved checkpoint at step {step}; run the '
-            'same command again to resume.', flush=True)
+      say(f'Pre-empted (SIGTERM): saved checkpoint at step {step}; run the '
+          'same command again to resume.')
       ctx.stop_requested = True
       return
     is_epoch_end = (step % ctx.steps_per_epoch == 0

@@ -136,6 +136,14 @@ def test_eval_mode_and_info(reference, capsys):
   assert 'final' in lines[-1] and 'test_accuracy' in lines[-1]
 
 
+def test_eval_mode_errors(tiny_config, tmp_path):
+  with pytest.raises(checkpointing.CheckpointError, match='no checkpoints in'):
+    checkpoint_tools.evaluate_checkpoint(tiny_config, str(tmp_path))
+  tiny_config.eval_step = -2
+  with pytest.raises(ConfigError, match='config.eval_step=-2'):
+    checkpoint_tools.evaluate_checkpoint(tiny_config, str(tmp_path))
+
+
 def _truncate_state_files(step_dir):
   for root, _, files in os.walk(os.path.join(step_dir, 'state')):
     for name in files:

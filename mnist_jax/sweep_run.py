@@ -104,14 +104,15 @@ def _config_json(config: ml_collections.ConfigDict):
 
 def _check_same_config(point: Point) -> None:
   """A sub-workdir may only be resumed with the config it was started with;
-  otherwise the table would silently mix runs of different configs."""
+  otherwise the table would silently mix runs of different configs. Fields
+  that only one of the two configs has (added or removed by a code change
+  since) are not compared."""
   stored = _read_json(os.path.join(point.workdir, CONFIG_FILE))
   if stored is None:
     return
-  current = _config_json(point.config)
-  if stored != current:
-    old, new = _flatten(stored), _flatten(current)
-    diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+  old, new = _flatten(stored), _flatten(_config_json(point.config))
+  diff = sorted(k for k in set(old) & set(new) if old[k] != new[k])
+  if diff:
     raise ConfigError(
         f'{point.workdir} was run with a different config (differs in '
         f'{", ".join(diff)}); use a new --workdir for a changed sweep.')

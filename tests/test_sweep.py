@@ -247,9 +247,15 @@ def test_sweep_ranks_points_records_failure_and_rerun_skips(tiny_config,
   assert _mtimes(workdir) == before
   assert [p.status['attempts'] for p in points] == [1, 1, 2]
 
+  # A field added to the config since (a code change) is no change of run.
+  config.added_since = 1
+  points = sweep_run.run_sweep(config, _SWEEP, workdir, in_process=True)
+  assert [p.skipped for p in points] == [True, True, False]
+
   # The same sweep over a different base config is refused, not mixed in.
   config.seed = 4
-  with pytest.raises(ConfigError, match='different config.*seed'):
+  with pytest.raises(ConfigError,
+                     match=r'different config \(differs in seed\)'):
     sweep_run.run_sweep(config, _SWEEP, workdir, in_process=True)
 
 

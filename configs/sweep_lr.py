@@ -12,6 +12,10 @@ measured table is in README "Config sweeps":
   python launch.py --config configs/sweep_lr.py:quick --sweep \
       --workdir runs/sweep_lr_quick
 
+Measured (`:quick` on the IDX files, a busy 2-core AMD EPYC CPU, 5-8 min per
+point): best validation accuracy 97.4-98.2% after one epoch, ranked first
+initial_learning_rate=0.003,batch_size=512 (98.24%; test 98.39%).
+
 Every `--config.*` override applies to all points (e.g. `--config.data.source=
 idx --config.data.dir=MNIST_data`); `--sweep_parallel=N` runs N points at once.
 Without `--sweep` this file trains the default config.

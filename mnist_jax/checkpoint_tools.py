@@ -22,8 +22,9 @@ from mnist_jax import train
 from mnist_jax.errors import ConfigError
 
 
-def _abstract_params(model, mesh):
-  """ShapeDtypeStructs of the model's parameters, replicated over `mesh`."""
+def abstract_params(model, mesh):
+  """ShapeDtypeStructs of the model's parameters, replicated over `mesh`: the
+  target that restores a checkpoint's parameters onto these devices."""
   shapes = jax.eval_shape(
       lambda: model.init(jax.random.key(0), jnp.zeros(
           (1,) + input_pipeline.IMAGE_SHAPE, jnp.float32), train=False))
@@ -58,7 +59,7 @@ def evaluate_checkpoint(config, workdir: str) -> dict[str, Any]:
   manager = checkpointing.create_manager(directory, read_only=True)
   try:
     step, params, _ = checkpointing.restore_params(
-        manager, _abstract_params(ctx.model, ctx.mesh),
+        manager, abstract_params(ctx.model, ctx.mesh),
         None if eval_step == -1 else eval_step)
   finally:
     manager.close()
@@ -120,7 +121,13 @@ def print_checkpoints(workdir: str) -> None:
       print(f"{r['step']:>8}  unreadable: {r['error']}")
       continue
     m = r['metrics']
-    shown = ', '.join(f'{k} {m[k]:.4g}' for k in (
-        'train_loss', 'train_accuracy', 'validation_accuracy', 'test_accuracy')
-                      if k in m) or '-'
+    shown = ', '.join(
+        f'{k} {m[k]:.2%}' if k.endswith('accuracy') else f'{k} {m[k]:.4f}'
+        for k in ('train_loss', 'train_accuracy', 'validation_accuracy',
+                  'test_accuracy') if k in m) or '-'
     print(f"{r['step']:>8}  {r['time']:19}  {r['reason']:9}  {shown}")
+  # Saves cut short (killed process): orbax never renamed them into place.
+  directory = checkpointing.checkpoint_dir(workdir)
+  partial = sorted(n for n in os.listdir(directory) if 'tmp' in n)
+  if partial:
+    print(f'Incomplete saves (ignored): {", ".join(partial)}')

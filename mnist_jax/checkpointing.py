@@ -38,7 +38,6 @@ from typing import Any
 from absl import logging
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 

@@ -52,6 +52,10 @@ def test_kills_and_preemption_resume_exactly(reference, tmp_path,
   assert 'Resuming from step 10' in out
   assert ckpt_util.steps(workdir) == [10]
   assert any(n.startswith('20') for n in _partial_saves(workdir))
+  info = ckpt_util.launch(workdir, config, '--mode=info')
+  assert info.returncode == 0, info.stderr[-3000:]
+  assert re.search(r'^\s+10 .* periodic ', info.stdout, re.M), info.stdout
+  assert 'Incomplete saves (ignored): 20.' in info.stdout
   # 3. SIGKILL right after the save of step 30 completed; the partial step
   # 20 was not picked up (resumed from 10) and is saved again.
   out = launch('kill_after_save:30', -signal.SIGKILL)

@@ -31,6 +31,7 @@ shard_map, so it is an option for users who know it, not a faster path.
 
 from __future__ import annotations
 
+import glob
 import importlib.util
 import os
 
@@ -51,9 +52,13 @@ PMAP_AXIS = 'batch'
 # ------------------------------------------------------------------ start-up
 
 def _on_cloud_tpu_vm() -> bool:
-  # libtpu (the `jax[tpu]` extra) is installed only on TPU VMs; there JAX
-  # finds the coordinator, process count and id itself (GCE metadata).
-  return importlib.util.find_spec('libtpu') is not None
+  # A TPU VM has TPU chips (/dev/accel* on v2-v4, /dev/vfio/<n> on v5e and
+  # later) and libtpu (the `jax[tpu]` extra); there JAX finds the
+  # coordinator, process count and id itself (GCE metadata). Both are
+  # required: libtpu alone (installed on a laptop) must not make a run wait
+  # for a metadata server.
+  chips = glob.glob('/dev/accel*') + glob.glob('/dev/vfio/[0-9]*')
+  return bool(chips) and importlib.util.find_spec('libtpu') is not None
 
 
 def distributed_args(config) -> dict | None:

@@ -54,12 +54,13 @@ EXIT_PREEMPTED = 128 + signal.SIGTERM
 # Config fields that change the trajectory of a run: resuming a workdir with
 # any of them changed would silently mix two runs. Duration (num_epochs,
 # num_train_steps), logging, evaluation cadence, lowering, data.dir and
-# steps_per_dispatch may change.
+# steps_per_dispatch may change; so may init_from, which only matters before
+# a run's first checkpoint.
 RUN_FIELDS = (
     'batch_size', 'seed', 'initial_learning_rate', 'learning_rate_decay_factor',
     'num_epochs_per_decay', 'weight_decay', 'adam_b1', 'adam_b2', 'adam_eps',
     'dropout_keep_prob', 'num_classes', 'dtype', 'data.source',
-    'data.num_validation', 'init_from')
+    'data.num_validation')
 
 # Test-only fault injection for the subprocess fault tests, '<kind>:<step>'
 # with kind one of kill_in_step, kill_in_save, kill_after_save, term.

@@ -284,8 +284,12 @@ class CheckpointHook(train.Hook):
       check_same_run(saved.config, config, directory)
       return _restore(self.manager, step, abstract, partial=False)
 
-    step, restored, bad = restore_latest_good(self.manager, restore_fn)
-    self._set_aside(directory, bad)
+    try:
+      step, restored, bad = restore_latest_good(self.manager, restore_fn)
+      self._set_aside(directory, bad)
+    except BaseException:
+      self.manager.close()  # on_train_end is not called when we raise
+      raise
     if step is not None:
       r = restored.state
       state = state.replace(step=r['step'], params=r['params'],
@@ -295,7 +299,11 @@ class CheckpointHook(train.Hook):
       ctx.last_good_checkpoint = os.path.join(directory, str(step))
       say(f'Resuming from step {step} ({ctx.last_good_checkpoint}).')
     elif config.get('init_from'):
-      state = self._init_from(config.init_from, state)
+      try:
+        state = self._init_from(config.init_from, state)
+      except BaseException:
+        self.manager.close()
+        raise
     self._install_sigterm_handler()
     return state
 
@@ -374,7 +382,7 @@ class CheckpointHook(train.Hook):
           f'checkpoint: {ctx.last_good_checkpoint or "none"}.')
     tree = {'step': state.step, 'params': state.params,
             'opt_state': state.opt_state}
-    run = {'history': self.history, 'metrics': metrics or {},
+    run = {'history': list(self.history), 'metrics': metrics or {},
            'time': time.time(), 'reason': reason,
            'devices': f'{jax.device_count()} x {jax.devices()[0].device_kind}'}
     self.manager.save(step, force=True, args=ocp.args.Composite(

@@ -95,6 +95,17 @@ def test_fine_tuning_takes_params_only(reference, tmp_path, capsys):
                                  ckpt_util.saved_params(workdir, 10))
 
 
+def test_own_checkpoints_win_over_init_from(reference, tmp_path, capsys):
+  config, workdir, _, ref_params = reference
+  rerun = config.copy_and_resolve_references()
+  rerun.init_from = str(tmp_path / 'missing')  # would raise if it were used
+  state, _ = _start(rerun, workdir)
+  assert 'Resuming from step 36' in capsys.readouterr().out
+  assert int(state.step) == 36
+  ckpt_util.assert_bitwise_equal(jax.tree.map(np.asarray, state.params),
+                                 ref_params)
+
+
 def test_fine_tuning_errors(reference, tmp_path):
   config, workdir, _, _ = reference
   tuned = config.copy_and_resolve_references()

@@ -36,7 +36,22 @@ def test_dark_on_light_is_inverted_boxed_and_centred():
   assert rows.max() - rows.min() + 1 <= 20 and cols.max() - cols.min() + 1 <= 20
   assert rows.max() - rows.min() + 1 >= 19  # Long side scaled to ~20.
   cy, cx = centre_of_mass(out)
-  assert abs(cy - 13.5) <= 1 and abs(cx - 13.5) <= 1
+  # Where MNIST's centres of mass are (pixel 14, not 13.5).
+  assert abs(cy - 14) <= 0.5 and abs(cx - 14) <= 0.5
+
+
+def test_an_mnist_form_digit_survives_scanning():
+  """Upscaled and printed dark on light, an MNIST-form digit converts back to
+  itself (the conversion puts digits where MNIST has them)."""
+  ring = np.zeros((80, 60), np.uint8)
+  ys, xs = np.indices(ring.shape)
+  r = np.hypot((ys - 45) / 30, (xs - 28) / 22)
+  ring[(r > 0.7) & (r < 1.0)] = 255  # a '0'
+  mnist = predict.to_mnist(ring)
+  scan = np.asarray(Image.fromarray(255 - mnist).resize(
+      (140, 140), Image.Resampling.BILINEAR))
+  again = predict.to_mnist(scan)
+  assert np.corrcoef(mnist.ravel(), again.ravel())[0, 1] > 0.95
 
 
 def test_light_on_dark_keeps_polarity():

@@ -68,6 +68,10 @@ def evaluate_checkpoint(config, workdir: str) -> dict[str, Any]:
   for name, split in ctx.eval_splits.items():
     record.update({f'{name}_{k}': v for k, v in
                    train.evaluate(ctx.eval_fn, params, split).items()})
+  if jax.process_index() == 0 and config.get('write_report', True):
+    from mnist_jax import report  # pylint: disable=g-import-not-at-top
+    record['report'] = report.write_report(workdir, config, params,
+                                           test=ctx.data.test)
   if jax.process_index() == 0:  # every process evaluates; one writes
     os.makedirs(os.path.join(workdir, 'eval'), exist_ok=True)
     with open(os.path.join(workdir, 'eval', 'metrics.json'), 'w') as f:

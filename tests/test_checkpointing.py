@@ -132,6 +132,10 @@ def test_eval_mode_and_info(reference, capsys):
     assert record[k] == pytest.approx(v, rel=1e-6)
   with open(os.path.join(workdir, 'eval', 'metrics.json')) as f:
     assert json.load(f) == record
+  # The eval run writes the report too (confusion matrix, mistakes, numbers).
+  with open(os.path.join(record['report'], 'report.md')) as f:
+    assert f'{acc:.2%}' in f.read()
+  assert os.path.getsize(os.path.join(record['report'], 'confusion_matrix.png'))
   at10 = config.copy_and_resolve_references()
   at10.eval_step = 10
   assert checkpoint_tools.evaluate_checkpoint(at10, workdir)['step'] == 10

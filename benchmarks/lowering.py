@@ -285,7 +285,7 @@ def _fmt(r):
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--variants', default='fast,fast_canonical,reference')
-  parser.add_argument('--flagsets', default='default,ynn_off,thp,ynn_off_thp')
+  parser.add_argument('--flagsets', default='default,ynn_off,ynn_noconv')
   parser.add_argument('--k', type=int, default=10,
                       help='training steps per lax.scan dispatch')
   parser.add_argument('--windows', type=int, default=5)

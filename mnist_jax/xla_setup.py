@@ -8,24 +8,34 @@ flag the user already put in ``XLA_FLAGS``, and does nothing when
 
 Flags applied (CPU only; measured with ``benchmarks/lowering.py``, training
 step at batch 512 with the 'fast' lowering of ``mnist_jax.ops``, jax/jaxlib
-0.10.2, on a 2-vCPU AMD EPYC (Zen 5, AVX-512) that other jobs shared, so
-per-CPU-second rates are the robust comparison and wall-clock numbers are
-from a quiet window):
+0.10.2, on a 2-vCPU AMD EPYC (Zen 5, AVX-512, no AMX) that other jobs shared
+part of the time; "per CPU-s" is images per CPU-second of the benchmark
+process, which is robust to that sharing, wall-clock img/s are from quiet
+windows, median (min-max) of 3 windows):
 
-* ``--xla_cpu_experimental_ynn_fusion_type=-individual_convolution``: keep
-  jaxlib's default YNNPACK library fusions (dots, elementwise) but not its
-  convolutions, which then go to XLA's Eigen convolution kernels. YNNPACK's
-  convolution kernels are slow for the training step's convolution shapes,
-  in particular the kernel-gradient convolution (batch as contraction
-  dimension, a 14x14 or 28x28 "kernel"): conv2's forward + both gradients took
-  549 ms with YNN vs 277 ms without. Whole training step, images per
-  CPU-second: per-step jit 512-582 (default) -> 920-991; 10 steps in
-  ``lax.scan`` 628-691 -> 1,252-1,277. Wall clock in a quiet window: 1,860
-  img/s per step, 2,416 img/s in scan; 10,000-image eval 6,300-6,900 img/s.
-  Turning YNN fusions off entirely (empty value) is nearly as good (930
-  per step / 1,156-1,219 scan per CPU-s) and was the best setting on an
-  Intel Sapphire Rapids host (shared/PERF_NOTES.md); keeping YNN dots helps
-  conv1's im2col GEMM and the fully connected layers.
+* ``--xla_cpu_experimental_ynn_fusion_type=`` (empty value: no YNNPACK
+  library fusions; dots and convolutions go to XLA's Eigen kernels).
+  jaxlib's default YNN fusions include convolutions, and YNNPACK's kernels
+  are slow for this network's gradient convolutions (conv2 forward + both
+  gradients: 549 ms with YNN vs 277 ms without). Training step:
+
+  ====================  ======================  =========================
+  setting               jit per step            10 steps in ``lax.scan``
+  ====================  ======================  =========================
+  default flags         710 (667-734) img/s,    798 (771-799),
+                        512-586 per CPU-s       628-691 per CPU-s
+  this flag             1,704-1,841 img/s,      2,147-2,417 img/s,
+                        914-980 per CPU-s       1,120-1,258 per CPU-s
+  ====================  ======================  =========================
+
+  Forward-only eval of 10,000 images (batch 1000 or 2500): 5,400-7,300 img/s
+  with this flag vs ~4,800 with default flags (1.4-1.9 s vs 2.1 s).
+  The alternative ``=-individual_convolution`` (keep YNN dots and elementwise
+  fusions, drop only YNN convolutions) measured the same within noise
+  (step 1,388-1,951, scan 2,219-2,428 img/s, interleaved with the runs above);
+  the empty value is preferred because it is simpler, does not depend on the
+  default fusion list of a jaxlib version, and was also the best setting on an
+  Intel Sapphire Rapids host (shared/PERF_NOTES.md: 960 -> 1,500 img/s).
 
 Measured and not applied:
 
@@ -69,7 +79,7 @@ DISABLE_ENV_VAR = 'MNIST_JAX_NO_XLA_FLAGS'
 _VALIDATED_JAXLIB = ('0.10.',)
 
 CPU_FLAGS = (
-    '--xla_cpu_experimental_ynn_fusion_type=-individual_convolution',
+    '--xla_cpu_experimental_ynn_fusion_type=',
 )
 
 

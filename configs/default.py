@@ -68,7 +68,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.write_report = True  # After training, write <workdir>/report/ (plots + report.md).
 
   # --- Checkpoints ---
-  config.checkpoint_every_steps = 500  # Save every N steps (and at the end).
+  config.checkpoint_every_steps = 0  # Save every N steps; 0 = at every epoch end (and at the end).
   config.max_checkpoints_to_keep = 10  # Keep the last N checkpoints (tutorial: 10).
   config.init_from = ''  # Fine-tune: start from the params of this workdir/checkpoint ('' = no).
   config.eval_step = -1  # --mode eval: evaluate this step's checkpoint; -1 = the latest.
@@ -77,7 +77,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.num_train_steps = 300  # ~2.8 epochs: >= 98% test accuracy in a few minutes.
     config.num_epochs = 3
     config.log_every_steps = 25
-    config.checkpoint_every_steps = 100
   elif arg:
     raise ValueError(f"Unknown config argument {arg!r}; use 'smoke' or nothing.")
   return config

@@ -363,13 +363,14 @@ class CheckpointHook(train.Hook):
     is_epoch_end = (step % ctx.steps_per_epoch == 0
                     or step == ctx.total_steps)
     # Epoch ends save in on_epoch_end, with the epoch's metrics.
-    if not is_epoch_end and step % ctx.config.checkpoint_every_steps == 0:
+    every = ctx.config.checkpoint_every_steps
+    if not is_epoch_end and every > 0 and step % every == 0:
       self.save(ctx, step, state)
 
   def on_epoch_end(self, ctx, epoch, step, state, record):
     self.history.append(record)
-    if (step % ctx.config.checkpoint_every_steps == 0
-        or step == ctx.total_steps):
+    every = ctx.config.checkpoint_every_steps
+    if every == 0 or step % every == 0 or step == ctx.total_steps:
       self.save(ctx, step, state, metrics=record,
                 reason='final' if step == ctx.total_steps else 'periodic')
 

@@ -24,10 +24,12 @@ def validate(config) -> None:
 
   for field in ('batch_size', 'num_epochs', 'eval_batch_size', 'log_every_steps',
                 'steps_per_dispatch', 'eval_every_epochs',
-                'checkpoint_every_steps', 'max_checkpoints_to_keep',
-                'num_classes'):
+                'max_checkpoints_to_keep', 'num_classes'):
     if config_get(config, field) is not None:
       positive_int(field)
+  every = config.get('checkpoint_every_steps', 0)
+  check(isinstance(every, int) and every >= 0, 'checkpoint_every_steps',
+        'must be 0 (at every epoch end) or a positive number of steps.')
   check(config.initial_learning_rate > 0, 'initial_learning_rate',
         'must be > 0.')
   check(0 < config.learning_rate_decay_factor <= 1,

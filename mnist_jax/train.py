@@ -364,10 +364,14 @@ def _check_divisible(config, mesh):
 
 def _chunk_length(config, step: int, epoch_end: int) -> int:
   """Steps in the next dispatch: at most steps_per_dispatch, never past the
-  epoch end nor past a checkpoint step (so saves happen at exact steps)."""
+  epoch end nor past a checkpoint step (so saves happen at exact steps).
+
+  Each distinct length is one more compiled program, so the default config
+  checkpoints at epoch ends: an epoch is then k, k, ..., k, (107 mod k).
+  """
   n = min(config.steps_per_dispatch, epoch_end - step)
-  every = config.checkpoint_every_steps
-  return min(n, every - step % every)
+  every = config.checkpoint_every_steps  # 0: at epoch ends only
+  return min(n, every - step % every) if every > 0 else n
 
 
 def default_hooks(config) -> list[Hook]:

@@ -241,3 +241,11 @@ def test_save_refuses_a_non_finite_state(tiny_config, tmp_path):
   finally:
     hook.on_train_end(ctx, 16, state, None)
   assert ckpt_util.steps(str(tmp_path)) == [16]
+
+
+def test_default_cadence_saves_at_every_epoch_end(tiny_config, tmp_path):
+  tiny_config.checkpoint_every_steps = 0  # the default: epoch ends
+  tiny_config.steps_per_dispatch = 4
+  tiny_config.write_report = False
+  ckpt_util.run(tiny_config, str(tmp_path))
+  assert ckpt_util.steps(str(tmp_path)) == [18, 36]

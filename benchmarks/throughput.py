@@ -1,0 +1,167 @@
+r"""Training and evaluation throughput, end to end and of the bare step.
+
+  python benchmarks/throughput.py --out benchmarks/results/throughput.json
+  python benchmarks/throughput.py --k 1,10 --windows 3   # compare dispatch sizes
+
+For each `steps_per_dispatch` k it measures, after warm-up (compilation):
+  * bare: the compiled `train_fn` on device-resident data, nothing else
+    (windows of whole epochs' worth of dispatches, blocking at the end);
+  * end to end: `train.train_and_evaluate` with the default hooks (progress,
+    summaries, checkpoints, report), one epoch per window after a warm-up
+    epoch: the training phase (`images_per_second` of each epoch) and the
+    whole loop (epoch end to epoch end: training + evaluation of validation
+    and test + per-layer summaries + checkpoint);
+  * eval: the jitted evaluation of the 10,000 test images;
+  * peak memory: host RSS (ru_maxrss) and, on accelerators, the device's peak.
+Median and spread over the windows; the machine goes into the JSON.
+"""
+
+import argparse
+import os
+import resource
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import mnist_jax  # noqa: E402,F401  (XLA flags first)
+import jax  # noqa: E402
+
+from benchmarks import common  # noqa: E402
+from configs import default  # noqa: E402
+from mnist_jax import train  # noqa: E402
+
+
+class _EpochClock(train.Hook):
+  """Wall time at every epoch end (after evaluation and the other hooks)."""
+
+  def __init__(self):
+    self.times = []
+
+  def on_train_start(self, ctx, state):
+    self.times.append(time.perf_counter())
+    return state
+
+  def on_epoch_end(self, ctx, epoch, step, state, record):
+    self.times.append(time.perf_counter())
+
+
+def bare_step(config, windows: int):
+  """img/s of the compiled train_fn alone, one epoch of dispatches a window."""
+  ctx = train.setup(config, tempfile.mkdtemp(prefix='bench_bare_'))
+  n = len(ctx.data.train)
+  state = train.put_replicated(train.create_train_state(
+      config, ctx.model, ctx.learning_rate_fn, ctx.rngs['init']), ctx.mesh)
+  data = train.put_replicated({'image': ctx.data.train.images,
+                               'label': ctx.data.train.labels}, ctx.mesh)
+  train_fn = train.make_train_fn(config, ctx.learning_rate_fn, n, ctx.mesh)
+  perm = jax.random.permutation(ctx.rngs['data'], n)
+  k, spe = config.steps_per_dispatch, ctx.steps_per_epoch
+  lengths = [k] * (spe // k) + ([spe % k] if spe % k else [])
+
+  def epoch(state):
+    for length in lengths:
+      state, metrics = train_fn(state, data, perm, ctx.rngs['dropout'],
+                                num_steps=length)
+    jax.block_until_ready((state, metrics))
+    return state
+
+  state = epoch(state)  # warm-up: compiles every length
+  rates = []
+  for _ in range(windows):
+    t0 = time.perf_counter()
+    state = epoch(state)
+    rates.append(spe * config.batch_size / (time.perf_counter() - t0))
+  return common.summarize(rates), ctx, state
+
+
+def end_to_end(config, windows: int):
+  config = config.copy_and_resolve_references()
+  config.num_epochs = windows + 1
+  clock = _EpochClock()
+  workdir = tempfile.mkdtemp(prefix='bench_e2e_')
+  result = train.train_and_evaluate(
+      config, workdir, hooks=train.default_hooks(config) + [clock])
+  epochs = result['epochs'][1:]  # the first epoch compiles
+  spe_images = [r['step'] - p['step'] for p, r in
+                zip(result['epochs'], result['epochs'][1:])]
+  train_phase = [r['images_per_second'] for r in epochs]
+  walls = [b - a for a, b in zip(clock.times[1:], clock.times[2:])]
+  whole = [s * config.batch_size / w for s, w in zip(spe_images, walls)]
+  return common.summarize(train_phase), common.summarize(whole), result
+
+
+def evaluation(ctx, state, windows: int):
+  split = ctx.eval_splits['test']
+  jax.block_until_ready(ctx.eval_fn(state.params, split))  # compile
+  seconds = []
+  for _ in range(windows):
+    t0 = time.perf_counter()
+    jax.block_until_ready(ctx.eval_fn(state.params, split))
+    seconds.append(time.perf_counter() - t0)
+  return common.summarize(seconds)
+
+
+def peak_memory():
+  out = {'host_peak_rss_mb': resource.getrusage(
+      resource.RUSAGE_SELF).ru_maxrss / 1024}
+  stats = getattr(jax.devices()[0], 'memory_stats', lambda: None)()
+  if stats and 'peak_bytes_in_use' in stats:
+    out['device_peak_mb'] = stats['peak_bytes_in_use'] / 2**20
+  return out
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--k', default='', help='steps_per_dispatch values, '
+                      'comma-separated (default: the config\'s)')
+  parser.add_argument('--windows', type=int, default=3)
+  parser.add_argument('--skip_e2e', action='store_true')
+  parser.add_argument('--source', default='idx', choices=('idx', 'tfds'))
+  parser.add_argument('--data_dir', default=os.path.join(
+      os.path.dirname(os.path.abspath(__file__)), '..', '..', 'shared', 'data',
+      'mnist'))
+  parser.add_argument('--out', default='benchmarks/results/throughput.json')
+  args = parser.parse_args()
+  base = default.get_config()
+  base.data.source = args.source
+  base.data.dir = args.data_dir if args.source == 'idx' else base.data.dir
+  ks = [int(k) for k in args.k.split(',')] if args.k else [
+      base.steps_per_dispatch]
+  rows = []
+  for k in ks:
+    config = base.copy_and_resolve_references()
+    config.steps_per_dispatch = k
+    bare, ctx, state = bare_step(config, args.windows)
+    ev = evaluation(ctx, state, args.windows)
+    row = {'k': k, 'bare': bare, 'eval_test_seconds': ev,
+           'eval_images_per_second': len(ctx.data.test) / ev['median']}
+    if not args.skip_e2e:
+      train_phase, whole, _ = end_to_end(config, args.windows)
+      row.update(e2e_train=train_phase, e2e_whole_loop=whole,
+                 ratio=train_phase['median'] / bare['median'])
+    rows.append(row)
+    del ctx, state
+
+  print(f"{'k':>3} {'bare img/s':>22} {'e2e train img/s':>22} {'ratio':>6} "
+        f"{'e2e incl. eval img/s':>22} {'eval 10k s':>16}")
+  fmt = lambda s: f"{s['median']:7.0f} ({s['min']:.0f}-{s['max']:.0f})"
+  for r in rows:
+    print(f"{r['k']:3d} {fmt(r['bare']):>22} "
+          f"{fmt(r['e2e_train']) if 'e2e_train' in r else '-':>22} "
+          f"{r.get('ratio', float('nan')):6.1%} "
+          f"{fmt(r['e2e_whole_loop']) if 'e2e_whole_loop' in r else '-':>22} "
+          f"{r['eval_test_seconds']['median']:7.2f} "
+          f"({r['eval_test_seconds']['min']:.2f}-"
+          f"{r['eval_test_seconds']['max']:.2f})")
+  memory = peak_memory()
+  print('peak memory:', {k: round(v) for k, v in memory.items()})
+  common.write_json(args.out, {'machine': common.machine_info(),
+                               'windows': args.windows, 'rows': rows,
+                               'memory': memory,
+                               'load_average': os.getloadavg()})
+
+
+if __name__ == '__main__':
+  main()

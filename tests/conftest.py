@@ -67,6 +67,9 @@ def tiny_config_for(idx_folder):
   config.num_epochs = 2
   config.log_every_steps = 5
   config.checkpoint_every_steps = 10
+  # One compiled program per test run (dispatch lengths k and the remainders
+  # would each compile); tests of k > 1 set it themselves.
+  config.steps_per_dispatch = 1
   return config
 
 

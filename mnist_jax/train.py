@@ -503,6 +503,7 @@ def _train_loop(ctx: Context, state: TrainState, hooks: list[Hook]):
       out_shardings=jax.NamedSharding(ctx.mesh, P()))
 
   history = list(ctx.history)
+  first_step_of_run = int(state.step)
   step = int(state.step)
   while step < ctx.total_steps:
     epoch = step // ctx.steps_per_epoch
@@ -523,6 +524,9 @@ def _train_loop(ctx: Context, state: TrainState, hooks: list[Hook]):
               f'Training loss is {losses[bad - start - 1]} at step {bad}; '
               'stopping (lower the learning rate?). Last good checkpoint: '
               f'{ctx.last_good_checkpoint or "none"}.')
+        if start == first_step_of_run:  # benchmarks/startup.py waits for it
+          logging.info('First dispatch done: steps %d-%d.', start + 1,
+                       start + len(losses))
         for hook in hooks:
           hook.on_metrics(ctx, start, host)
         part = metrics_lib.merge_stacked(host)

@@ -129,3 +129,24 @@ def test_resident_train_fn_compiles_once_and_k_steps_equal_single_steps(
   stacked = jax.tree.map(lambda *xs: np.concatenate(xs), *per_step)
   for a, b in zip(jax.tree.leaves(stacked), jax.tree.leaves(m4)):
     np.testing.assert_array_equal(a, b)
+
+
+def test_resident_steps_make_no_host_to_device_copies(tiny_config):
+  """Data stays put: after set-up, a dispatch copies nothing host -> device."""
+  mesh = train.create_mesh()
+  data = input_pipeline.load(tiny_config)
+  n = len(data.train)
+  _, lr, state = _state(tiny_config)
+  state = train.put_replicated(state, mesh)
+  train_data = train.put_replicated(
+      {'image': data.train.images, 'label': data.train.labels}, mesh)
+  perm = jax.jit(input_pipeline.epoch_permutation, static_argnums=2)(
+      jax.random.key(1), 0, n)
+  rng = jax.device_put(jax.random.key(2))
+  fn = train.make_train_fn(tiny_config, lr, n, mesh)
+  state, _ = fn(state, train_data, perm, rng, num_steps=3)  # compile
+  with jax.transfer_guard_host_to_device('disallow'):
+    for _ in range(2):
+      state, metrics = fn(state, train_data, perm, rng, num_steps=3)
+  jax.block_until_ready(metrics)
+  assert int(state.step) == 9

@@ -58,7 +58,10 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   import jax  # pylint: disable=g-import-not-at-top
   from mnist_jax import tf_setup, train  # pylint: disable=g-import-not-at-top
-  tf_setup.hide_accelerators_from_tf()
+  if FLAGS.mode == 'train' and not FLAGS.sweep:
+    tf_setup.preload_in_background()  # TF (GPUs hidden) beside start-up work
+  else:
+    tf_setup.hide_accelerators_from_tf()
   from mnist_jax import parallel  # pylint: disable=g-import-not-at-top
   try:  # Multi-host: before anything touches a JAX backend.
     parallel.initialize_distributed(FLAGS.config)

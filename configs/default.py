@@ -10,8 +10,10 @@ Short local run used by CI (a few hundred steps, >= 95% test accuracy):
 
   python launch.py --config configs/default.py:smoke --workdir /tmp/smoke
 
-Expected (measured, see README "Results"): >= 99.2% test accuracy after
-20 epochs (2,140 steps of 512 images) on a 2-core Sapphire Rapids CPU.
+Expected (measured on a 2-vCPU AMD EPYC, jax 0.10.2, see README "Results"):
+99.26% final test accuracy after 20 epochs (2,140 steps of 512 images) in
+~8.5 minutes of wall time (~2,400 training images/s); 99.0% is first reached
+after epoch 6 (142 s of training). The smoke run reaches ~98.5% in ~1.5 min.
 """
 
 import ml_collections

@@ -109,6 +109,8 @@ def load(config) -> Mnist:
 
 def _load_tfds(data_dir: str, download: bool) -> tuple[Split, Split]:
   """Reads the whole 'train' and 'test' splits of TFDS mnist in file order."""
+  from mnist_jax import tf_setup  # pylint: disable=g-import-not-at-top
+  tf_setup.hide_accelerators_from_tf()  # before TFDS imports TensorFlow
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
   data_dir = data_dir or None

@@ -19,7 +19,6 @@ import sys
 import time
 
 from absl import logging
-from clu import periodic_actions
 import jax
 import tqdm
 
@@ -50,15 +49,22 @@ class ProgressHook(train_lib.Hook):
     self._enabled = True
 
   def on_train_start(self, ctx, state):
-    self._report = periodic_actions.ReportProgress(
-        num_train_steps=ctx.total_steps, every_secs=self.report_every_secs)
+    self._report = None  # made at the first dispatch: see on_steps
     self._step0 = None
     self._enabled = jax.process_index() == 0  # One bar, not one per host.
     return state
 
   def on_steps(self, ctx, step, state):
-    if self._report is not None:
-      self._report(step)  # Host-side timing only; never blocks on the device.
+    if self._report is None:
+      # clu's periodic_actions imports TensorFlow: made after the first
+      # dispatch is queued, so the import (usually done in the background by
+      # then, tf_setup.preload_in_background) is off the path to step 1.
+      from mnist_jax import tf_setup  # pylint: disable=g-import-not-at-top
+      tf_setup.hide_accelerators_from_tf()
+      from clu import periodic_actions  # pylint: disable=g-import-not-at-top
+      self._report = periodic_actions.ReportProgress(
+          num_train_steps=ctx.total_steps, every_secs=self.report_every_secs)
+    self._report(step)  # Host-side timing only; never blocks on the device.
 
   def on_metrics(self, ctx, first_step, metrics):
     if not self._enabled:

@@ -29,7 +29,6 @@ import os
 from typing import Any
 
 from absl import logging
-from clu import metric_writers
 from clu import parameter_overview
 import jax
 import jax.numpy as jnp
@@ -38,6 +37,7 @@ import numpy as np
 from mnist_jax import input_pipeline
 from mnist_jax import metrics as metrics_lib
 from mnist_jax import models
+from mnist_jax import tf_setup
 from mnist_jax import train as train_lib
 
 # Histograms are drawn from a uniform random sample of at most this many values
@@ -117,19 +117,50 @@ class SummaryHook(train_lib.Hook):
 
   def __init__(self, print_overview: bool = True):
     self.print_overview = print_overview
-    self.train_writer = None
-    self.eval_writer = None
+    self._train_writer = None
+    self._eval_writer = None
+    self._pending = None  # (workdir, just_logging, hparams) until first use
     self._window = None  # TrainMetrics merged since the last write.
     self._stats_fn = None
 
+  # The writers are made at their first use (after the first dispatch):
+  # clu's metric_writers imports TensorFlow, which `train_and_evaluate`
+  # imports in the background meanwhile (tf_setup.preload_in_background).
+  @property
+  def train_writer(self):
+    self._make_writers()
+    return self._train_writer
+
+  @train_writer.setter
+  def train_writer(self, writer):
+    self._train_writer = writer
+
+  @property
+  def eval_writer(self):
+    self._make_writers()
+    return self._eval_writer
+
+  @eval_writer.setter
+  def eval_writer(self, writer):
+    self._eval_writer = writer
+
+  def _make_writers(self):
+    if self._pending is None:
+      return
+    workdir, just_logging, hparams = self._pending
+    self._pending = None
+    tf_setup.hide_accelerators_from_tf()
+    from clu import metric_writers  # pylint: disable=g-import-not-at-top
+    self._train_writer = metric_writers.create_default_writer(
+        os.path.join(workdir, 'train'), just_logging=just_logging)
+    self._eval_writer = metric_writers.create_default_writer(
+        os.path.join(workdir, 'eval'), just_logging=just_logging)
+    self._train_writer.write_hparams(hparams)
+
   # ------------------------------------------------------------------ start
   def on_train_start(self, ctx, state):
-    just_logging = jax.process_index() > 0
-    self.train_writer = metric_writers.create_default_writer(
-        os.path.join(ctx.workdir, 'train'), just_logging=just_logging)
-    self.eval_writer = metric_writers.create_default_writer(
-        os.path.join(ctx.workdir, 'eval'), just_logging=just_logging)
-    self.train_writer.write_hparams(flatten_config(ctx.config))
+    self._pending = (ctx.workdir, jax.process_index() > 0,
+                     flatten_config(ctx.config))
     if self.print_overview and jax.process_index() == 0:
       # Printed (not only logged) so it is seen whatever the absl log setup.
       print(parameter_overview.get_parameter_overview(state.params),
@@ -195,6 +226,8 @@ class SummaryHook(train_lib.Hook):
 
   # -------------------------------------------------------------------- end
   def on_train_end(self, ctx, step, state, result):
+    if self._pending is not None and result is None:
+      self._pending = None  # failed before anything was written: no files
     for writer in (self.train_writer, self.eval_writer):
       if writer is not None:
         writer.flush()

@@ -40,6 +40,7 @@ from mnist_jax import config_lib
 from mnist_jax import input_pipeline
 from mnist_jax import metrics as metrics_lib
 from mnist_jax import models
+from mnist_jax import tf_setup
 from mnist_jax.errors import UserError
 
 P = jax.sharding.PartitionSpec
@@ -455,6 +456,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     The metrics written to `<workdir>/metrics.json`: per-epoch records and the
     final validation and test metrics.
   """
+  # TensorFlow (for summaries) is imported beside data loading and
+  # compilation, with the GPUs hidden from it first.
+  tf_setup.preload_in_background()
   ctx = setup(config, workdir)
   logging.info('Train %d / validation %d / test %d images; %d steps per epoch,'
                ' %d steps; devices: %s', len(ctx.data.train),

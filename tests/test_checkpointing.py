@@ -249,3 +249,24 @@ def test_default_cadence_saves_at_every_epoch_end(tiny_config, tmp_path):
   tiny_config.write_report = False
   ckpt_util.run(tiny_config, str(tmp_path))
   assert ckpt_util.steps(str(tmp_path)) == [18, 36]
+
+
+def test_resume_regrouping_steps_into_dispatches_is_bitwise(tiny_config,
+                                                            tmp_path):
+  """k = 4 steps per dispatch: an interruption at step 14 regroups the rest
+  of the run into other dispatches (14-18, 18-22, ... instead of 16-18, 18-22,
+  ...), and the final parameters are still bitwise those of one run."""
+  tiny_config.steps_per_dispatch = 4
+  tiny_config.checkpoint_every_steps = 0  # epoch ends (18, 36) and the end
+  tiny_config.write_report = False
+  whole = str(tmp_path / 'whole')
+  ckpt_util.run(tiny_config, whole)
+  parts = str(tmp_path / 'parts')
+  first = tiny_config.copy_and_resolve_references()
+  first.num_train_steps = 14  # stops (and saves) mid-epoch, like a SIGTERM
+  ckpt_util.run(first, parts)
+  assert ckpt_util.steps(parts) == [14]
+  ckpt_util.run(tiny_config, parts)
+  assert ckpt_util.steps(parts)[-1] == 36
+  ckpt_util.assert_bitwise_equal(ckpt_util.saved_params(parts),
+                                 ckpt_util.saved_params(whole))

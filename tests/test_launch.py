@@ -69,3 +69,8 @@ def test_train_and_evaluate_on_tfds_mock_data(tiny_config, tmp_path):
     result = train.train_and_evaluate(tiny_config, str(tmp_path))
   assert result['step'] == 4
   assert 0.0 <= result['final']['test_accuracy'] <= 1.0
+  # TFDS imported TensorFlow only after the GPUs were hidden from it.
+  from mnist_jax import tf_setup  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  assert tf_setup._hidden  # pylint: disable=protected-access
+  assert tf.config.get_visible_devices('GPU') == []

@@ -60,7 +60,10 @@ RUN_FIELDS = (
     'batch_size', 'seed', 'initial_learning_rate', 'learning_rate_decay_factor',
     'num_epochs_per_decay', 'weight_decay', 'adam_b1', 'adam_b2', 'adam_eps',
     'dropout_keep_prob', 'num_classes', 'dtype', 'data.source',
-    'data.num_validation')
+    'data.num_validation',
+    # pmap draws dropout masks per device, jit per global batch: switching
+    # mid-run would silently change the run's randomness.
+    'parallelism')
 
 # Test-only fault injection for the subprocess fault tests, '<kind>:<step>'
 # with kind one of kill_in_step, kill_in_save, kill_after_save, term.

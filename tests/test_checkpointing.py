@@ -62,6 +62,10 @@ def test_config_change_that_alters_the_run_is_refused(reference):
   changed.batch_size = 64
   with pytest.raises(ConfigError, match=r'batch_size=32 \(checkpoint\) vs 64'):
     ckpt_util.run(changed, workdir)
+  changed = config.copy_and_resolve_references()
+  changed.parallelism = 'pmap'
+  with pytest.raises(ConfigError, match=r"parallelism='jit' \(checkpoint\)"):
+    ckpt_util.run(changed, workdir)
 
 
 def _start(config, workdir, hook=None):

@@ -7,16 +7,23 @@ import statistics
 import sys
 
 
+# The CPU features that decide which XLA:CPU kernels are fast here.
+_CPU_FEATURES = ('avx2', 'avx512f', 'avx512_bf16', 'avx512_vnni', 'amx_bf16',
+                 'amx_tile')
+
+
 def machine_info() -> dict:
   """CPU model, cores, devices and library versions, for every JSON result."""
   import jax  # pylint: disable=g-import-not-at-top
-  cpu = platform.processor()
+  cpu, cpu_flags = platform.processor(), ''
   try:
     with open('/proc/cpuinfo') as f:
       for line in f:
-        if line.startswith('model name'):
+        if line.startswith('model name') and cpu == platform.processor():
           cpu = line.split(':', 1)[1].strip()
-          break
+        if line.startswith('flags') and not cpu_flags:
+          have = line.split(':', 1)[1].split()
+          cpu_flags = ' '.join(f for f in _CPU_FEATURES if f in have)
   except OSError:
     pass
   versions = {}
@@ -29,7 +36,7 @@ def machine_info() -> dict:
       versions[name] = None
   devices = jax.devices()
   return {
-      'cpu': cpu, 'cpu_cores': os.cpu_count(),
+      'cpu': cpu, 'cpu_flags': cpu_flags, 'cpu_cores': os.cpu_count(),
       'platform': platform.platform(), 'python': sys.version.split()[0],
       'device_kind': devices[0].device_kind, 'device_count': len(devices),
       'backend': jax.default_backend(),

@@ -26,11 +26,14 @@ Usage:
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks import common  # noqa: E402
 
 # Flag sets: name -> (XLA_FLAGS, extra environment, description).
 FLAG_SETS = {
@@ -63,26 +66,6 @@ _SCAN_PATHOLOGICAL = ('reference', 'fast_autodiff_conv')
 
 BATCH = 512
 EVAL_IMAGES = 10_000
-
-
-def _machine_description():
-  cpu = platform.processor()
-  flags = ''
-  try:
-    with open('/proc/cpuinfo') as f:
-      for line in f:
-        if line.startswith('model name'):
-          cpu = line.split(':', 1)[1].strip()
-        if line.startswith('flags') and not flags:
-          wanted = ('avx2', 'avx512f', 'avx512_bf16', 'avx512_vnni',
-                    'amx_bf16', 'amx_tile')
-          have = line.split(':', 1)[1].split()
-          flags = ' '.join(f for f in wanted if f in have)
-  except OSError:
-    pass
-  return {'cpu_model': cpu, 'cpu_flags': flags, 'cores': os.cpu_count(),
-          'python': platform.python_version(),
-          'platform': platform.platform()}
 
 
 # --------------------------------------------------------------------------
@@ -304,7 +287,7 @@ def main():
   repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   import jax  # pylint: disable=g-import-not-at-top  (versions only)
   import jaxlib  # pylint: disable=g-import-not-at-top
-  report = {'machine': _machine_description(),
+  report = {'machine': common.machine_info(),
             'jax': jax.__version__, 'jaxlib': jaxlib.__version__,
             'user_XLA_FLAGS': os.environ.get('XLA_FLAGS', ''),
             'batch': BATCH, 'k': args.k, 'windows': args.windows,

@@ -24,6 +24,11 @@ from ml_collections import config_flags
 import mnist_jax  # noqa: F401  (sets XLA flags before JAX starts its backend)
 from mnist_jax.errors import UserError
 
+# Exit status after a SIGTERM pre-emption was saved: 128 + 15, what
+# supervisors expect of a terminated process (retry-on-pre-emption policies
+# fire), yet distinct from errors (2) and success (0).
+EXIT_PREEMPTED = 143
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
     'config', None, 'Config file, e.g. configs/default.py[:smoke].',
@@ -62,8 +67,9 @@ def main(argv):
     tf_setup.preload_in_background()  # TF (GPUs hidden) beside start-up work
   else:
     tf_setup.hide_accelerators_from_tf()
-  from mnist_jax import parallel  # pylint: disable=g-import-not-at-top
+  from mnist_jax import config_lib, parallel  # pylint: disable=g-import-not-at-top
   try:  # Multi-host: before anything touches a JAX backend.
+    config_lib.validate(FLAGS.config)
     parallel.initialize_distributed(FLAGS.config)
   except UserError as e:
     print(f'Error: {e}', file=sys.stderr, flush=True)
@@ -88,16 +94,15 @@ def main(argv):
       from mnist_jax import predict  # pylint: disable=g-import-not-at-top
       sys.exit(predict.run(FLAGS.config, workdir, FLAGS.image + argv[1:]))
     if FLAGS.mode != 'train':
-      from mnist_jax import checkpoint_tools  # pylint: disable=g-import-not-at-top
+      from mnist_jax import evaluate  # pylint: disable=g-import-not-at-top
       if FLAGS.mode == 'eval':
-        checkpoint_tools.evaluate_checkpoint(FLAGS.config, workdir)
+        evaluate.evaluate_checkpoint(FLAGS.config, workdir)
       else:
-        checkpoint_tools.print_checkpoints(workdir)
+        evaluate.print_checkpoints(workdir)
       return
     result = train.train_and_evaluate(FLAGS.config, workdir)
     if result and result.get('stopped_early'):  # pre-empted, state saved
-      from mnist_jax import checkpointing  # pylint: disable=g-import-not-at-top
-      sys.exit(checkpointing.EXIT_PREEMPTED)
+      sys.exit(EXIT_PREEMPTED)
   except UserError as e:
     print(f'Error: {e}', file=sys.stderr, flush=True)
     sys.exit(2)

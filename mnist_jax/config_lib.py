@@ -8,6 +8,15 @@ DATA_SOURCES = ('tfds', 'idx')
 LOWERINGS = ('fast', 'reference')
 DTYPES = ('float32', 'bfloat16')
 PARALLELISMS = ('jit', 'pmap')
+DISTRIBUTED_INIT = ('auto', 'yes', 'no')
+
+
+def get(config, dotted: str):
+  """`config.a.b` for `dotted='a.b'`."""
+  node = config
+  for part in dotted.split('.'):
+    node = node[part]
+  return node
 
 
 def validate(config) -> None:
@@ -15,20 +24,18 @@ def validate(config) -> None:
 
   def check(ok: bool, field: str, why: str):
     if not ok:
-      raise ConfigError(f'config.{field}={config_get(config, field)!r}: {why}')
+      raise ConfigError(f'config.{field}={get(config, field)!r}: {why}')
 
-  def positive_int(field):
-    v = config_get(config, field)
-    check(isinstance(v, int) and not isinstance(v, bool) and v > 0, field,
-          'must be a positive integer.')
+  def is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
   for field in ('batch_size', 'num_epochs', 'eval_batch_size', 'log_every_steps',
                 'steps_per_dispatch', 'eval_every_epochs',
                 'max_checkpoints_to_keep', 'num_classes'):
-    if config_get(config, field) is not None:
-      positive_int(field)
-  every = config.get('checkpoint_every_steps', 0)
-  check(isinstance(every, int) and every >= 0, 'checkpoint_every_steps',
+    check(is_int(get(config, field)) and get(config, field) > 0, field,
+          'must be a positive integer.')
+  check(is_int(config.checkpoint_every_steps)
+        and config.checkpoint_every_steps >= 0, 'checkpoint_every_steps',
         'must be 0 (at every epoch end) or a positive number of steps.')
   check(config.initial_learning_rate > 0, 'initial_learning_rate',
         'must be > 0.')
@@ -42,16 +49,17 @@ def validate(config) -> None:
         'num_train_steps', 'must be -1 (use num_epochs) or > 0.')
   check(config.data.source in DATA_SOURCES, 'data.source',
         f'unknown data source; use one of {DATA_SOURCES}.')
-  check(config.get('lowering', 'fast') in LOWERINGS, 'lowering',
-        f'use one of {LOWERINGS}.')
-  check(config.get('dtype', 'float32') in DTYPES, 'dtype',
-        f'use one of {DTYPES}.')
-  check(config.get('parallelism', 'jit') in PARALLELISMS, 'parallelism',
+  check(config.lowering in LOWERINGS, 'lowering', f'use one of {LOWERINGS}.')
+  check(config.dtype in DTYPES, 'dtype', f'use one of {DTYPES}.')
+  check(config.parallelism in PARALLELISMS, 'parallelism',
         f'use one of {PARALLELISMS}.')
+  check(config.distributed.initialize in DISTRIBUTED_INIT,
+        'distributed.initialize', f'use one of {DISTRIBUTED_INIT}.')
   check(config.data.num_validation > 0, 'data.num_validation', 'must be > 0.')
-  profile_steps = config.get('profile_steps', 0)
-  check(isinstance(profile_steps, int) and profile_steps >= 0, 'profile_steps',
-        'must be an integer >= 0 (0 = no profiler trace).')
+  check(is_int(config.profile_steps) and config.profile_steps >= 0,
+        'profile_steps', 'must be an integer >= 0 (0 = no profiler trace).')
+  check(is_int(config.eval_step) and config.eval_step >= -1, 'eval_step',
+        'use -1 (the latest checkpoint) or a saved step (see --mode info).')
 
 
 def validate_against_data(config, num_train: int) -> None:
@@ -62,8 +70,16 @@ def validate_against_data(config, num_train: int) -> None:
         f'split ({num_train} images); use at most {num_train}.')
 
 
-def config_get(config, dotted: str):
-  node = config
-  for part in dotted.split('.'):
-    node = node.get(part) if hasattr(node, 'get') else getattr(node, part)
-  return node
+def validate_against_devices(config, num_devices: int,
+                             num_processes: int = 1) -> None:
+  """Checks that the global batch sizes split evenly over the devices."""
+  n = num_devices
+  for field in ('batch_size', 'eval_batch_size'):
+    value = config[field]
+    if value % n:
+      ok = [v for v in (value - value % n, value - value % n + n) if v > 0]
+      hosts = f' of {num_processes} processes' if num_processes > 1 else ''
+      raise ConfigError(
+          f'config.{field}={value} (global) does not divide by the {n} '
+          f'devices{hosts}, which each take an equal share; use a multiple '
+          f'of {n}, e.g. {" or ".join(map(str, ok))}.')

@@ -15,3 +15,11 @@ class ConfigError(UserError, ValueError):
 
 class DataError(UserError):
   """MNIST could not be found, downloaded or parsed."""
+
+
+class CheckpointError(UserError):
+  """A checkpoint is missing, unreadable or does not fit the model."""
+
+
+class NonFiniteLossError(UserError, FloatingPointError):
+  """The training loss or state became NaN or infinite."""

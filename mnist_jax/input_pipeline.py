@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mnist_jax import tf_setup
 from mnist_jax.errors import DataError
 
 NUM_CLASSES = 10
@@ -90,12 +91,12 @@ def load(config) -> Mnist:
   if source == 'tfds':
     data_dir = config.data.dir or os.environ.get('TFDS_DATA_DIR') or ''
     train, test = _cached(
-        _tfds_files(data_dir), config.data.get('cache_dir', ''),
-        lambda: _load_tfds(data_dir, config.data.get('download', False)))
+        _tfds_files(data_dir), config.data.cache_dir,
+        lambda: _load_tfds(data_dir, config.data.download))
   elif source == 'idx':
     train, test = _load_idx(config.data.dir)
-  else:
-    raise DataError(f"Unknown data source {source!r}: use 'tfds' or 'idx'.")
+  else:  # config_lib.validate names the sources
+    raise DataError(f'Unknown data source {source!r}.')
   n_val = config.data.num_validation
   if not 0 < n_val < len(train):
     raise DataError(
@@ -109,7 +110,6 @@ def load(config) -> Mnist:
 
 def _load_tfds(data_dir: str, download: bool) -> tuple[Split, Split]:
   """Reads the whole 'train' and 'test' splits of TFDS mnist in file order."""
-  from mnist_jax import tf_setup  # pylint: disable=g-import-not-at-top
   tf_setup.hide_accelerators_from_tf()  # before TFDS imports TensorFlow
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 

@@ -1,5 +1,10 @@
-"""clu metric collections returned by the steps and merged on the host."""
+"""The metrics: clu collections returned by the steps, merged on the host.
 
+Add a metric here (a field of `TrainMetrics` or `EvalMetrics`); it then
+reaches metrics.json, TensorBoard, the epoch line and the report by name.
+"""
+
+import dataclasses
 
 import flax
 import jax
@@ -20,6 +25,28 @@ class EvalMetrics(metrics.Collection):
   """Evaluation metrics; `mask` excludes padding so each example counts once."""
   loss: metrics.Average.from_output('loss')
   accuracy: metrics.Accuracy
+
+
+# Shorter names on the epoch line.
+_SHORT_NAMES = {'accuracy': 'acc', 'learning_rate': 'lr'}
+
+
+def names(collection_cls) -> tuple[str, ...]:
+  """The metric names a collection class computes, in definition order."""
+  return tuple(f.name for f in dataclasses.fields(collection_cls)
+               if not f.name.startswith('_'))
+
+
+def format_value(name: str, value: float) -> str:
+  """A metric value for people: accuracies in percent, others to 4 digits."""
+  return f'{value:.2%}' if name.endswith('accuracy') else f'{value:.4g}'
+
+
+def format_split(split: str, record: dict[str, float], metric_names) -> str:
+  """'train loss 0.1234 acc 97.12%' from `record`'s `<split>_<name>` keys."""
+  shown = [f'{_SHORT_NAMES.get(n, n)} {format_value(n, record[f"{split}_{n}"])}'
+           for n in metric_names if f'{split}_{n}' in record]
+  return ' '.join([split] + shown) if shown else ''
 
 
 def merge_stacked(stacked, start: int = 0, stop=None):

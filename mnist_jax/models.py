@@ -1,24 +1,12 @@
 """The tutorial's fully convolutional MNIST classifier as a Flax linen module.
 
-    conv1  32@5x5 SAME + ReLU        [B,28,28,32]
-    pool1  max 2x2 / 2               [B,14,14,32]
-    conv2  64@5x5 SAME + ReLU        [B,14,14,64]
-    pool2  max 2x2 / 2               [B,7,7,64]
-    fc3    1024@7x7 VALID + ReLU     [B,1,1,1024]
-    dropout3 (keep_prob, training)   [B,1,1,1024]
-    fc4    10@1x1, no activation     [B,1,1,10]  -> squeezed to logits [B,10]
+    conv1 32@5x5 SAME+ReLU -> pool1 2x2/2 -> conv2 64@5x5 SAME+ReLU -> pool2
+    -> fc3 1024@7x7 VALID+ReLU -> dropout3 -> fc4 10@1x1 -> logits [B, 10]
 
-Every layer's output is sown into the 'intermediates' collection as a dict
-`end_points` keyed by layer name (the tutorial's `end_points`). `sow` stores nothing unless the
-caller asks for the collection (`mutable=['intermediates']`), so the end points
-cost nothing in normal training steps.
-
-The function is fixed; its lowering is not. `lowering='reference'` uses what
-`nn.Conv`/`nn.max_pool` lower to; `lowering='fast'` (default) uses the
-equivalent operations in `mnist_jax.ops` that XLA:CPU runs several times
-faster (fc3 as a matmul, max-pool as reshape + max, convolution gradients in
-canonical form). Parameters are identical either way (HWIO conv kernels), so
-checkpoints and summaries do not depend on the lowering.
+Every layer's output is sown into 'intermediates' as the dict `end_points`.
+`lowering` picks how the layers lower to XLA ('reference': what `nn.Conv` and
+`nn.max_pool` lower to; 'fast': `mnist_jax.ops`, much faster on XLA:CPU); the
+function and the parameters are the same either way.
 """
 
 from __future__ import annotations
@@ -29,6 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mnist_jax import input_pipeline
 from mnist_jax import ops
 
 END_POINTS = ('conv1', 'pool1', 'conv2', 'pool2', 'fc3', 'dropout3', 'fc4')
@@ -86,11 +75,6 @@ class CNN(nn.Module):
   lowering: str = 'fast'
   dtype: Any = jnp.float32
 
-  def setup(self):
-    if self.lowering not in ('fast', 'reference'):
-      raise ValueError(f"lowering must be 'fast' or 'reference', got "
-                       f'{self.lowering!r}')
-
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     conv = lambda f, k, pad, act, name: Conv(  # pylint: disable=g-long-lambda
@@ -118,8 +102,7 @@ def create_model(config) -> CNN:
   """The model chosen by `config`."""
   return CNN(num_classes=config.num_classes,
              dropout_keep_prob=config.dropout_keep_prob,
-             lowering=config.get('lowering', 'fast'),
-             dtype=jnp.dtype(config.get('dtype', 'float32')))
+             lowering=config.lowering, dtype=jnp.dtype(config.dtype))
 
 
 def end_points(model: CNN, variables, images, *, train=False, rngs=None):
@@ -127,3 +110,18 @@ def end_points(model: CNN, variables, images, *, train=False, rngs=None):
   logits, state = model.apply(variables, images, train=train, rngs=rngs,
                               mutable=['intermediates'])
   return logits, dict(state['intermediates']['end_points'][0])
+
+
+def init_params(model: CNN, rng: jax.Array):
+  """Freshly initialised parameters (variance scaling, zero biases)."""
+  dummy = jnp.zeros((1,) + input_pipeline.IMAGE_SHAPE, jnp.float32)
+  return model.init(rng, dummy, train=False)['params']
+
+
+def abstract_params(model: CNN, sharding=None):
+  """ShapeDtypeStructs of the parameters (with `sharding`, if given): the
+  target that restores a checkpoint's parameters onto these devices."""
+  shapes = jax.eval_shape(init_params, model, jax.random.key(0))
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+      shapes)

@@ -1,31 +1,15 @@
-"""Prediction on your own digit images, and the batched forward pass.
+"""`--mode predict`: classify your own digit images with a trained model.
 
-`load_digit(path)` converts any PNG or JPEG (any size, grayscale, RGB or with
-transparency) to what MNIST looks like, following MNIST's own preparation:
-
-1. Grayscale; transparent pixels are composited onto white (paper).
-2. Polarity: MNIST digits are white on black. The background brightness is
-   the median of the image's border (its outer 1/10 on each side; at least
-   one pixel). If it is lighter than mid-gray (> 127), the image is taken to
-   be a dark digit on light paper and is inverted.
-3. Contrast: the background level maps to 0 and the brightest ink to 255;
-   ink fainter than 10% of that is treated as background (noise, paper
-   texture).
-4. Size and position: the digit's bounding box is scaled (aspect ratio kept)
-   to fit 20x20 pixels and placed in the 28x28 field so that its centre of
-   mass is at pixel (14, 14), where MNIST's are.
-
-An image with no ink after step 3 (blank) is rejected like an unreadable one.
-`predict(params, model, paths)` returns one `Prediction` per path; a file that
-cannot be read or used gets an `error` naming it and the others are still
-predicted.
+`to_mnist` prepares any PNG/JPEG the way MNIST's digits were: grayscale,
+white ink on black (a light background is inverted), contrast stretched, the
+digit scaled into a 20x20 box and centred by its centre of mass at (14, 14).
+A file that cannot be read or holds no digit gets an error naming it; the
+other files are still predicted.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-import os
 import sys
 
 import jax
@@ -34,8 +18,9 @@ import numpy as np
 from PIL import Image
 from PIL import UnidentifiedImageError
 
-from mnist_jax import input_pipeline
+from mnist_jax import checkpointing
 from mnist_jax import models
+from mnist_jax import steps
 from mnist_jax.errors import UserError
 
 BORDER_FRACTION = 0.1
@@ -134,30 +119,6 @@ def load_digit(path: str) -> np.ndarray:
     raise ImageError(f'{path}: {e}') from e
 
 
-@functools.lru_cache(maxsize=8)
-def _forward_fn(model):
-  return jax.jit(lambda params, images: model.apply(
-      {'params': params}, input_pipeline.normalize(images), train=False))
-
-
-def logits_of(model, params, images: np.ndarray,
-              batch_size: int = 1000) -> np.ndarray:
-  """Logits of uint8 images [N, 28, 28(, 1)] in batches, jitted.
-
-  The last batch is zero-padded so every batch has one shape (one compile).
-  """
-  images = np.asarray(images, np.uint8).reshape((-1,) + input_pipeline.IMAGE_SHAPE)
-  n = len(images)
-  batch_size = max(1, min(batch_size, n))
-  pad = -n % batch_size
-  images = np.concatenate(
-      [images, np.zeros((pad,) + images.shape[1:], np.uint8)])
-  fwd = _forward_fn(model)
-  out = [np.asarray(fwd(params, images[i:i + batch_size]))
-         for i in range(0, len(images), batch_size)]
-  return np.concatenate(out)[:n]
-
-
 def predict(params, model, image_paths) -> list[Prediction]:
   """Predicts the digit in each image file.
 
@@ -179,7 +140,7 @@ def predict(params, model, image_paths) -> list[Prediction]:
       r.error = str(e).removeprefix(f'{r.path}: ')
   if images:
     probs = np.asarray(jax.nn.softmax(jnp.asarray(
-        logits_of(model, params, np.stack(images))), axis=-1))
+        steps.logits_of(model, params, np.stack(images))), axis=-1))
     for r, p in zip(ok, probs):
       top = np.argsort(-p)[:3]
       r.digit = int(top[0])
@@ -188,34 +149,11 @@ def predict(params, model, image_paths) -> list[Prediction]:
 
 
 def restore_params(config, workdir: str):
-  """Parameters of the latest readable checkpoint of `workdir`.
-
-  Returns:
-    (step, params) on the first local device.
-
-  Raises:
-    checkpointing.CheckpointError: no (readable, fitting) checkpoint.
-  """
-  # Imported here so that image conversion and `predict` need no orbax.
-  from mnist_jax import checkpointing  # pylint: disable=g-import-not-at-top
-  directory = checkpointing.checkpoint_dir(workdir)
-  if not os.path.isdir(directory):
-    raise checkpointing.CheckpointError(
-        f'no checkpoints in {directory}; train first, or pass the --workdir '
-        'of a training run.')
-  model = models.create_model(config)
+  """(step, params) of the latest readable checkpoint of `workdir`, on the
+  first local device."""
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  shapes = jax.eval_shape(lambda: model.init(
-      jax.random.key(0), jnp.zeros((1,) + input_pipeline.IMAGE_SHAPE),
-      train=False)['params'])
-  abstract = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-      shapes)
-  manager = checkpointing.create_manager(directory, read_only=True)
-  try:
-    step, params, _ = checkpointing.restore_params(manager, abstract)
-  finally:
-    manager.close()
+  step, params, _ = checkpointing.restore_workdir_params(
+      workdir, models.abstract_params(models.create_model(config), device))
   return step, params
 
 

@@ -1,19 +1,9 @@
 """A report a researcher can read without opening TensorBoard.
 
-`write_report(workdir, config, params)` writes `<workdir>/report/`:
-
-* `learning_curves.png`: loss and accuracy of train, validation and test
-  against the global step. Train points come from the event files in
-  `<workdir>/train` (one per `log_every_steps`), validation and test from
-  `<workdir>/eval`; without event files, from the per-epoch records of
-  `<workdir>/metrics.json`.
-* `confusion_matrix.png`: true against predicted digit on the test set.
-* `misclassified.png`: the most confident test mistakes, each titled with the
-  true and predicted label and the confidence.
-* `report.md`: the config, the final metrics and the images.
-
-`ReportHook` calls it after training; `--mode eval` can call it with restored
-parameters. Plots use matplotlib's Agg canvas directly (no pyplot, no display).
+`write_report(workdir, config, params)` writes `<workdir>/report/`: learning
+curves (from the event files, else metrics.json), the test confusion matrix,
+the most confident test mistakes, and `report.md` with the final metrics and
+the config. Plots use matplotlib's Agg canvas (no display needed).
 """
 
 from __future__ import annotations
@@ -28,9 +18,9 @@ from matplotlib.figure import Figure
 import numpy as np
 
 from mnist_jax import input_pipeline
+from mnist_jax import metrics as metrics_lib
 from mnist_jax import models
-from mnist_jax import predict as predict_lib
-from mnist_jax import train as train_lib
+from mnist_jax import steps
 
 NUM_MISCLASSIFIED = 25  # A 5x5 grid.
 SPLITS = ('train', 'validation', 'test')
@@ -174,12 +164,12 @@ def write_report(workdir: str, config, params, *, test=None,
   if test is None:
     test = input_pipeline.load(config).test
   model = models.create_model(config)
-  logits = predict_lib.logits_of(model, jax.device_get(params), test.images,
+  logits = steps.logits_of(model, jax.device_get(params), test.images,
                                  config.eval_batch_size)
   probs = np.asarray(jax.nn.softmax(logits, axis=-1))
   labels = np.asarray(test.labels)
   predicted = probs.argmax(-1)
-  loss = float(np.mean(train_lib.cross_entropy(logits, labels)))
+  loss = float(np.mean(steps.cross_entropy(logits, labels)))
   accuracy = float(np.mean(predicted == labels))
 
   plot_learning_curves(learning_curves(workdir, history),
@@ -203,8 +193,7 @@ def _write_markdown(path, config, final, cm, mistakes, step) -> None:
     lines += [f'Trained for {step} steps.', '']
   lines += ['## Final metrics', '', '| metric | value |', '|---|---|']
   for k, v in sorted(final.items()):
-    lines.append(f'| {k} | {v:.2%} |' if 'accuracy' in k else
-                 f'| {k} | {v:.4f} |')
+    lines.append(f'| {k} | {metrics_lib.format_value(k, v)} |')
   lines += ['', f'Test: {np.trace(cm)} of {cm.sum()} correct, {mistakes} '
             'mistakes.', '', '| digit | ' + ' | '.join(map(str, range(len(cm))))
             + ' |', '|---' * (len(cm) + 1) + '|',
@@ -218,13 +207,3 @@ def _write_markdown(path, config, final, cm, mistakes, step) -> None:
             '```', str(config).rstrip(), '```', '']
   with open(path, 'w') as f:
     f.write('\n'.join(lines))
-
-
-class ReportHook(train_lib.Hook):
-  """Writes the report after a successful training run (process 0 only)."""
-
-  def on_train_end(self, ctx, step, state, result):
-    if result is None or jax.process_index() > 0:
-      return
-    write_report(ctx.workdir, ctx.config, state.params, test=ctx.data.test,
-                 history=result)

@@ -1,8 +1,7 @@
-"""The evaluation run (`--mode eval`) and the listing (`--mode info`).
+"""The evaluation run (`--mode eval`) and the checkpoint listing (`--mode info`).
 
 `evaluate_checkpoint` is the tutorial's `test_classifier.py`: it restores a
-checkpoint's parameters onto whatever devices this machine has (a checkpoint
-written by 8 TPU cores restores on one laptop CPU) and evaluates the full
+checkpoint's parameters onto this machine's devices and evaluates the whole
 validation and test sets exactly (padding is masked).
 """
 
@@ -14,24 +13,14 @@ import os
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 
 from mnist_jax import checkpointing
-from mnist_jax import input_pipeline
+from mnist_jax import metrics as metrics_lib
+from mnist_jax import models
+from mnist_jax import parallel
+from mnist_jax import report
+from mnist_jax import steps
 from mnist_jax import train
-from mnist_jax.errors import ConfigError
-
-
-def abstract_params(model, mesh):
-  """ShapeDtypeStructs of the model's parameters, replicated over `mesh`: the
-  target that restores a checkpoint's parameters onto these devices."""
-  shapes = jax.eval_shape(
-      lambda: model.init(jax.random.key(0), jnp.zeros(
-          (1,) + input_pipeline.IMAGE_SHAPE, jnp.float32), train=False))
-  replicated = jax.NamedSharding(mesh, jax.P())
-  return jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-      shapes['params'])
 
 
 def evaluate_checkpoint(config, workdir: str) -> dict[str, Any]:
@@ -46,40 +35,30 @@ def evaluate_checkpoint(config, workdir: str) -> dict[str, Any]:
     The record written to `<workdir>/eval/metrics.json`: step, checkpoint
     path, devices, and validation_/test_ loss and accuracy.
   """
-  eval_step = config.get('eval_step', -1)
-  if not isinstance(eval_step, int) or eval_step < -1:
-    raise ConfigError(f'config.eval_step={eval_step!r}: use -1 (the latest '
-                      'checkpoint) or a saved step (see --mode info).')
-  directory = checkpointing.checkpoint_dir(workdir)
-  if not os.path.isdir(directory):
-    raise checkpointing.CheckpointError(
-        f'no checkpoints in {directory}; train first, or pass the --workdir '
-        'of a training run.')
-  ctx = train.setup(config, workdir)
-  manager = checkpointing.create_manager(directory, read_only=True)
-  try:
-    step, params, _ = checkpointing.restore_params(
-        manager, abstract_params(ctx.model, ctx.mesh),
-        None if eval_step == -1 else eval_step)
-  finally:
-    manager.close()
-  record = {'step': step, 'checkpoint': os.path.join(directory, str(step)),
+  checkpointing.require_checkpoints(workdir)  # before loading any data
+  run = train.setup(config, workdir)
+  step, params, _ = checkpointing.restore_workdir_params(
+      workdir, models.abstract_params(
+          run.model, jax.NamedSharding(run.mesh, jax.P())),
+      None if config.eval_step == -1 else config.eval_step)
+  record = {'step': step,
+            'checkpoint': os.path.join(checkpointing.checkpoint_dir(workdir),
+                                       str(step)),
             'devices': f'{jax.device_count()} x {jax.devices()[0].device_kind}'}
-  for name, split in ctx.eval_splits.items():
+  for name, split in run.eval_splits.items():
     record.update({f'{name}_{k}': v for k, v in
-                   train.evaluate(ctx.eval_fn, params, split).items()})
-  if jax.process_index() == 0 and config.get('write_report', True):
-    from mnist_jax import report  # pylint: disable=g-import-not-at-top
-    record['report'] = report.write_report(workdir, config, params,
-                                           test=ctx.data.test)
-  if jax.process_index() == 0:  # every process evaluates; one writes
+                   steps.evaluate(run.eval_fn, params, split).items()})
+  if parallel.is_lead():  # every process evaluates; one writes
+    if config.write_report:
+      record['report'] = report.write_report(workdir, config, params,
+                                             test=run.data.test)
     os.makedirs(os.path.join(workdir, 'eval'), exist_ok=True)
     with open(os.path.join(workdir, 'eval', 'metrics.json'), 'w') as f:
       json.dump(record, f, indent=1)
-  checkpointing.say(f"Checkpoint {record['checkpoint']}: validation accuracy "
-                    f"{record['validation_accuracy']:.2%}, test loss "
-                    f"{record['test_loss']:.4f}")
-  checkpointing.say(f"Final test accuracy: {record['test_accuracy']:.2%}")
+  parallel.say(f"Checkpoint {record['checkpoint']}: validation accuracy "
+               f"{record['validation_accuracy']:.2%}, test loss "
+               f"{record['test_loss']:.4f}")
+  parallel.say(f"Final test accuracy: {record['test_accuracy']:.2%}")
   return record
 
 
@@ -92,17 +71,14 @@ def list_checkpoints(workdir: str) -> list[dict[str, Any]]:
     that ended at that step, if any; empty otherwise) or an 'error' if its
     run record cannot be read.
   """
-  directory = checkpointing.checkpoint_dir(workdir)
-  if not os.path.isdir(directory):
-    raise checkpointing.CheckpointError(f'no checkpoints in {directory}.')
+  directory = checkpointing.require_checkpoints(workdir)
   manager = checkpointing.create_manager(directory, read_only=True)
   rows = []
   try:
     for step in sorted(manager.all_steps()):
       row = {'step': step, 'path': os.path.join(directory, str(step))}
       try:
-        run = manager.restore(step, args=checkpointing.ocp.args.Composite(
-            run=checkpointing.ocp.args.JsonRestore())).run
+        run = checkpointing.restore_items(manager, step).run
         row.update(time=datetime.datetime.fromtimestamp(run['time']).isoformat(
             sep=' ', timespec='seconds'), reason=run.get('reason', ''),
                    metrics=run.get('metrics', {}))
@@ -126,8 +102,7 @@ def print_checkpoints(workdir: str) -> None:
       continue
     m = r['metrics']
     shown = ', '.join(
-        f'{k} {m[k]:.2%}' if k.endswith('accuracy') else f'{k} {m[k]:.4f}'
-        for k in ('train_loss', 'train_accuracy', 'validation_accuracy',
+        f'{k} {metrics_lib.format_value(k, m[k])}' for k in ('train_loss', 'train_accuracy', 'validation_accuracy',
                   'test_accuracy') if k in m) or '-'
     print(f"{r['step']:>8}  {r['time']:19}  {r['reason']:9}  {shown}")
   # Saves cut short (killed process): orbax never renamed them into place.

@@ -1,16 +1,9 @@
 """Progress in the terminal and the logs, and an optional profiler trace.
 
-* `ProgressHook`: on a terminal, a live tqdm bar per epoch showing the epoch,
-  percent, current loss, images/s and the epoch's ETA (the tutorial's bar,
-  improved); when the output is not a terminal (CI, TPU logs, files), one plain
-  line every `config.log_every_steps` steps instead, with the run's ETA.
-  clu's `ReportProgress` also logs steps/s and the run's ETA (every minute).
-* `ProfileHook`: with `config.profile_steps > 0`, captures a JAX profiler
-  trace of that many training steps in the workdir (TensorBoard's Profile
-  tab: `<workdir>/plugins/profile/<run>/`).
-
-Both update from what the loop already hands them (host metrics of finished
-dispatches, the step count), so they add no device synchronisation per step.
+`ProgressHook`: a live tqdm bar per epoch on a terminal, plain periodic lines
+otherwise; clu's `ReportProgress` logs steps/s and the ETA. `ProfileHook`
+traces `config.profile_steps` steps into the workdir (TensorBoard's Profile
+tab). Both use only what the loop hands them: no extra device syncs.
 """
 
 from __future__ import annotations
@@ -22,7 +15,9 @@ from absl import logging
 import jax
 import tqdm
 
-from mnist_jax import train as train_lib
+from mnist_jax import parallel
+from mnist_jax import tf_setup
+from mnist_jax.hooks import base
 
 
 def _format_secs(secs: float) -> str:
@@ -30,7 +25,7 @@ def _format_secs(secs: float) -> str:
   return f'{secs // 3600}:{secs // 60 % 60:02d}:{secs % 60:02d}'
 
 
-class ProgressHook(train_lib.Hook):
+class ProgressHook(base.Hook):
   """A live bar per epoch on a terminal; plain periodic lines otherwise.
 
   Args:
@@ -38,6 +33,8 @@ class ProgressHook(train_lib.Hook):
       terminal is decided by `stream.isatty()`.
     report_every_secs: how often clu's `ReportProgress` logs steps/s and ETA.
   """
+
+  order = 20
 
   def __init__(self, stream=None, report_every_secs: float = 60.0):
     self.stream = sys.stderr if stream is None else stream
@@ -48,34 +45,32 @@ class ProgressHook(train_lib.Hook):
     self._t0 = self._step0 = None  # Start of the non-TTY rate measurement.
     self._enabled = True
 
-  def on_train_start(self, ctx, state):
+  def on_train_start(self, run, state):
     self._report = None  # made at the first dispatch: see on_steps
     self._step0 = None
-    self._enabled = jax.process_index() == 0  # One bar, not one per host.
-    return state
+    self._enabled = parallel.is_lead()  # one bar, not one per host
 
-  def on_steps(self, ctx, step, state):
+  def on_steps(self, run, step, state):
     if self._report is None:
       # clu's periodic_actions imports TensorFlow: made after the first
       # dispatch is queued, so the import (usually done in the background by
       # then, tf_setup.preload_in_background) is off the path to step 1.
-      from mnist_jax import tf_setup  # pylint: disable=g-import-not-at-top
       tf_setup.hide_accelerators_from_tf()
       from clu import periodic_actions  # pylint: disable=g-import-not-at-top
       self._report = periodic_actions.ReportProgress(
-          num_train_steps=ctx.total_steps, every_secs=self.report_every_secs)
+          num_train_steps=run.total_steps, every_secs=self.report_every_secs)
     self._report(step)  # Host-side timing only; never blocks on the device.
 
-  def on_metrics(self, ctx, first_step, metrics):
+  def on_metrics(self, run, first_step, metrics):
     if not self._enabled:
       return
     n = len(metrics.loss.total)
     last = first_step + n
     loss = float(metrics.loss.total[-1] / metrics.loss.count[-1])
-    spe, bs = ctx.steps_per_epoch, ctx.config.batch_size
+    spe, bs = run.steps_per_epoch, run.config.batch_size
     epoch = first_step // spe + 1
-    epoch_end = min(epoch * spe, ctx.total_steps)
-    num_epochs = -(-ctx.total_steps // spe)
+    epoch_end = min(epoch * spe, run.total_steps)
+    num_epochs = -(-run.total_steps // spe)
     if self.is_tty:
       if self._bar is None:
         self._bar = tqdm.tqdm(
@@ -89,33 +84,33 @@ class ProgressHook(train_lib.Hook):
         self._bar.close()
         self._bar = None
       return
-    self._plain_line(ctx, first_step, last, loss, epoch, num_epochs)
+    self._plain_line(run, first_step, last, loss, epoch, num_epochs)
 
-  def _plain_line(self, ctx, first_step, last, loss, epoch, num_epochs):
+  def _plain_line(self, run, first_step, last, loss, epoch, num_epochs):
     """One line per `log_every_steps` boundary crossed by this dispatch."""
-    if self._step0 is None or first_step % ctx.steps_per_epoch == 0:
+    if self._step0 is None or first_step % run.steps_per_epoch == 0:
       # The rate is measured from the end of each epoch's first dispatch, so
       # neither compilation nor the epoch-end evaluation counts as training.
       self._t0, self._step0 = time.perf_counter(), last
       return
-    every = ctx.config.log_every_steps
-    if last // every == first_step // every and last != ctx.total_steps:
+    every = run.config.log_every_steps
+    if last // every == first_step // every and last != run.total_steps:
       return
     now = time.perf_counter()
     steps_per_sec = (last - self._step0) / max(now - self._t0, 1e-9)
-    eta = (ctx.total_steps - last) / max(steps_per_sec, 1e-9)
-    print(f'Epoch {epoch}/{num_epochs} step {last}/{ctx.total_steps} '
-          f'({last / ctx.total_steps:.0%}) loss {loss:.4f} '
-          f'{steps_per_sec * ctx.config.batch_size:.0f} img/s '
+    eta = (run.total_steps - last) / max(steps_per_sec, 1e-9)
+    print(f'Epoch {epoch}/{num_epochs} step {last}/{run.total_steps} '
+          f'({last / run.total_steps:.0%}) loss {loss:.4f} '
+          f'{steps_per_sec * run.config.batch_size:.0f} img/s '
           f'ETA {_format_secs(eta)}', file=self.stream, flush=True)
 
-  def on_train_end(self, ctx, step, state, result):
+  def on_train_end(self, run, step, state, result):
     if self._bar is not None:
       self._bar.close()
       self._bar = None
 
 
-class ProfileHook(train_lib.Hook):
+class ProfileHook(base.Hook):
   """Traces `num_steps` training steps with the JAX profiler into `workdir`.
 
   The trace starts at the first dispatch ending at or after `first_step`
@@ -124,6 +119,8 @@ class ProfileHook(train_lib.Hook):
   device, once, so the trace holds the work it dispatched.
   """
 
+  order = 30
+
   def __init__(self, num_steps: int, first_step: int = 5):
     self.num_steps = num_steps
     self.first_step = first_step
@@ -131,15 +128,14 @@ class ProfileHook(train_lib.Hook):
     self._started_at = None
     self._done = False
 
-  def on_train_start(self, ctx, state):
-    self.logdir = ctx.workdir
+  def on_train_start(self, run, state):
+    self.logdir = run.workdir
     start = int(state.step)
     # Short runs: start early enough to trace `num_steps` steps before the end.
     self._first = start + max(
-        min(self.first_step, ctx.total_steps - start - self.num_steps), 1)
-    return state
+        min(self.first_step, run.total_steps - start - self.num_steps), 1)
 
-  def on_steps(self, ctx, step, state):
+  def on_steps(self, run, step, state):
     if self._started_at is None:
       if not self._done and step >= self._first:
         jax.profiler.start_trace(self.logdir)
@@ -154,6 +150,6 @@ class ProfileHook(train_lib.Hook):
     self._started_at = None
     self._done = True
 
-  def on_train_end(self, ctx, step, state, result):
+  def on_train_end(self, run, step, state, result):
     if self._started_at is not None:
       self._stop(state)

@@ -1,26 +1,10 @@
 """TensorBoard summaries: the tutorial's summaries/train and summaries/test.
 
-`SummaryHook` writes, with clu's `metric_writers.create_default_writer` (only
-process 0 writes event files; other processes just log):
-
-`<workdir>/train` (the tutorial's summaries/train)
-  * `loss`, `accuracy`, `learning_rate`: every `config.log_every_steps` steps
-    (and at the last step), each the average over the steps since the
-    previous write (`learning_rate`: the value used at that step).
-  * `sparsity/<end point>`: fraction of zero activations of one training
-    batch run with `train=True` (so `dropout3` shows the dropout), per epoch.
-  * `activations/<end point>`: activation histograms of that batch, per epoch.
-  * `images`: three random training images, per epoch.
-  * the run's hyperparameters (HParams dashboard), once at the start.
-
-`<workdir>/eval` (the tutorial's summaries/test), at every evaluation:
-  * `loss`, `accuracy`: the *test* set, under the same tags as training so
-    TensorBoard draws train and test on one chart.
-  * `validation_loss`, `validation_accuracy`: the validation set.
-  * `sparsity/<end point>`: one test batch, `train=False`.
-
-The step of every summary is the global step. The per-layer statistics run in
-one separate jitted function at the epoch end, never inside a training step.
+`<workdir>/train`: the training metrics every `log_every_steps` steps, and
+per epoch the per-layer sparsity and activation histograms of one batch and
+three sample images; the HParams once. `<workdir>/eval`: the test metrics
+under the same tags as training (one chart), `validation_*`, and per-layer
+sparsity of a test batch. Only the lead process writes event files.
 """
 
 from __future__ import annotations
@@ -37,8 +21,9 @@ import numpy as np
 from mnist_jax import input_pipeline
 from mnist_jax import metrics as metrics_lib
 from mnist_jax import models
+from mnist_jax import parallel
 from mnist_jax import tf_setup
-from mnist_jax import train as train_lib
+from mnist_jax.hooks import base
 
 # Histograms are drawn from a uniform random sample of at most this many values
 # per end point: conv1 of a 512-image batch has 12.8M activations, and sending
@@ -108,12 +93,14 @@ def make_layer_stats_fn(model: models.CNN,
   return jax.jit(stats)
 
 
-class SummaryHook(train_lib.Hook):
+class SummaryHook(base.Hook):
   """Writes every TensorBoard summary of the run (see the module docstring).
 
   Per step it only merges the host-side metrics the loop already fetched; the
   writers are asynchronous and flushed at epoch ends and closed at the end.
   """
+
+  order = 10  # before ReportHook, which reads the event files it closes
 
   def __init__(self, print_overview: bool = True):
     self.print_overview = print_overview
@@ -158,23 +145,22 @@ class SummaryHook(train_lib.Hook):
     self._train_writer.write_hparams(hparams)
 
   # ------------------------------------------------------------------ start
-  def on_train_start(self, ctx, state):
-    self._pending = (ctx.workdir, jax.process_index() > 0,
-                     flatten_config(ctx.config))
-    if self.print_overview and jax.process_index() == 0:
+  def on_train_start(self, run, state):
+    self._pending = (run.workdir, not parallel.is_lead(),
+                     flatten_config(run.config))
+    if self.print_overview and parallel.is_lead():
       # Printed (not only logged) so it is seen whatever the absl log setup.
       print(parameter_overview.get_parameter_overview(state.params),
             flush=True)
-    self._stats_fn = make_layer_stats_fn(ctx.model)
+    self._stats_fn = make_layer_stats_fn(run.model)
     self._window = None
-    return state
 
   # ------------------------------------------------------------------ steps
-  def on_metrics(self, ctx, first_step, metrics):
-    every = ctx.config.log_every_steps
+  def on_metrics(self, run, first_step, metrics):
+    every = run.config.log_every_steps
     n = len(metrics.loss.total)
     steps = first_step + 1 + np.arange(n)
-    ends = np.nonzero((steps % every == 0) | (steps == ctx.total_steps))[0]
+    ends = np.nonzero((steps % every == 0) | (steps == run.total_steps))[0]
     start = 0
     for end in list(ends) + [None]:
       stop = n if end is None else end + 1
@@ -189,7 +175,7 @@ class SummaryHook(train_lib.Hook):
       start = stop
 
   # ------------------------------------------------------------- epoch end
-  def on_epoch_end(self, ctx, epoch, step, state, record):
+  def on_epoch_end(self, run, epoch, step, state, record):
     evaluated = {k: v for k, v in record.items()
                  if k.startswith(('test_', 'validation_'))}
     if evaluated:
@@ -198,15 +184,15 @@ class SummaryHook(train_lib.Hook):
       scalars.update({k: v for k, v in evaluated.items()
                       if k.startswith('validation_')})
       self.eval_writer.write_scalars(step, scalars)
-    self._write_epoch_summaries(ctx, epoch, step, state.params)
+    self._write_epoch_summaries(run, epoch, step, state.params)
     self.train_writer.flush()
     self.eval_writer.flush()
 
-  def _write_epoch_summaries(self, ctx, epoch, step, params):
-    seed = ctx.config.seed
+  def _write_epoch_summaries(self, run, epoch, step, params):
+    seed = run.config.seed
     host_rng = np.random.default_rng([seed, _SUMMARY_STREAM, epoch])
-    train, test = ctx.data.train, ctx.data.test
-    batch = min(ctx.config.batch_size, len(train), len(test))
+    train, test = run.data.train, run.data.test
+    batch = min(run.config.batch_size, len(train), len(test))
     train_idx = np.sort(host_rng.choice(len(train), batch, replace=False))
     test_idx = np.sort(host_rng.choice(len(test), batch, replace=False))
     rng = jax.random.fold_in(
@@ -225,7 +211,7 @@ class SummaryHook(train_lib.Hook):
     self.train_writer.write_images(step, {'images': train.images[shown]})
 
   # -------------------------------------------------------------------- end
-  def on_train_end(self, ctx, step, state, result):
+  def on_train_end(self, run, step, state, result):
     if self._pending is not None and result is None:
       self._pending = None  # failed before anything was written: no files
     for writer in (self.train_writer, self.eval_writer):
@@ -233,4 +219,4 @@ class SummaryHook(train_lib.Hook):
         writer.flush()
         writer.close()
     self.train_writer = self.eval_writer = None
-    logging.info('Summaries written to %s/{train,eval}', ctx.workdir)
+    logging.info('Summaries written to %s/{train,eval}', run.workdir)

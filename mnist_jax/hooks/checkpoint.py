@@ -1,0 +1,141 @@
+"""Restore-or-init at start; periodic, final and pre-emption saves.
+
+At start the hook picks, in order: the latest readable checkpoint of the own
+workdir (resume), else `config.init_from` (fine-tuning: parameters only,
+fresh optimizer state, step 0), else the fresh state. Saves are asynchronous
+(orbax renames a complete save into place, so a killed save is never
+picked up); `on_train_end` waits for them.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+
+from mnist_jax import checkpointing
+from mnist_jax import parallel
+from mnist_jax.errors import NonFiniteLossError
+from mnist_jax.hooks import base
+
+# Test-only fault injection for the subprocess fault tests, '<kind>:<step>'
+# with kind one of kill_in_step, kill_in_save, kill_after_save, term.
+_FAULT_ENV = 'MNIST_JAX_TEST_FAULT'
+
+
+class CheckpointHook(base.Hook):
+  """Resume, fine-tune and save with one orbax CheckpointManager."""
+  order = 0  # first: the state it may restore is what the others see
+
+  def __init__(self):
+    self.manager = None
+    self.history: list[dict[str, Any]] = []
+    self.last_saved = ''
+    self._saved_step = None
+    kind, _, step = os.environ.get(_FAULT_ENV, '').partition(':')
+    self._fault = (kind, int(step)) if kind else None
+
+  # ------------------------------------------------------------------ start
+  def on_train_start(self, run, state):
+    directory = checkpointing.checkpoint_dir(run.workdir)
+    self.manager = checkpointing.create_manager(
+        directory, run.config.max_checkpoints_to_keep)
+    abstract = checkpointing.abstract_like(checkpointing.state_tree(state))
+
+    def restore_fn(step):
+      saved = checkpointing.restore_items(self.manager, step)
+      checkpointing.check_same_run(saved.config, run.config, directory)
+      return checkpointing.restore_items(self.manager, step, abstract)
+
+    step, restored, bad = checkpointing.restore_latest_good(
+        self.manager, restore_fn)
+    checkpointing.set_aside(self.manager, bad)
+    if step is not None:
+      self.history = list(restored.run.get('history', []))
+      self.last_saved = os.path.join(directory, str(step))
+      parallel.say(f'Resuming from step {step} ({self.last_saved}).')
+      return base.Update(state=state.replace(**restored.state),
+                         history=list(self.history),
+                         checkpoint=self.last_saved)
+    if run.config.init_from:
+      return base.Update(state=self._init_from(run.config.init_from, state))
+    return None
+
+  def _init_from(self, path, state):
+    directory, step = checkpointing.resolve_checkpoint_path(path)
+    manager = checkpointing.create_manager(directory, read_only=True)
+    try:
+      step, params, _ = checkpointing.restore_params(
+          manager, checkpointing.abstract_like(state.params), step)
+    finally:
+      manager.close()
+    parallel.say(f'Fine-tuning: parameters from {directory}/{step}; fresh '
+                 'optimizer state, starting at step 0.')
+    return state.replace(params=params)
+
+  # ---------------------------------------------------------------- saving
+  def on_steps(self, run, step, state):
+    self._maybe_inject('kill_in_step', step)
+    self._maybe_inject('term', step)
+    if jax.process_count() > 1 and self.manager.reached_preemption(step):
+      return base.Update(stop='pre-empted')  # all hosts agree on the step
+    # Epoch ends save in on_epoch_end, with the epoch's metrics.
+    every = run.config.checkpoint_every_steps
+    is_epoch_end = step % run.steps_per_epoch == 0 or step == run.total_steps
+    if not is_epoch_end and every > 0 and step % every == 0:
+      return self._save(run, step, state)
+    return None
+
+  def on_stop(self, run, step, state, reason):
+    update = None
+    if self._saved_step != step:  # not already saved at this very step
+      update = self._save(run, step, state, reason='preempted')
+    self.manager.wait_until_finished()  # on disk before the process ends
+    return update
+
+  def on_epoch_end(self, run, epoch, step, state, record):
+    self.history.append(record)
+    every = run.config.checkpoint_every_steps
+    if every == 0 or step % every == 0 or step == run.total_steps:
+      return self._save(run, step, state, metrics=record,
+                        reason='final' if step == run.total_steps
+                        else 'periodic')
+    return None
+
+  def _save(self, run, step, state, metrics=None, reason='periodic'):
+    if not checkpointing.all_finite((state.params, state.opt_state)):
+      raise NonFiniteLossError(
+          f'The training state is not finite at step {step} (the loss became '
+          'NaN or infinite at or before it); it was not saved. Last good '
+          f'checkpoint: {self.last_saved or "none"}.')
+    record = {'history': list(self.history), 'metrics': metrics or {},
+              'time': time.time(), 'reason': reason,
+              'devices': f'{jax.device_count()} x '
+                         f'{jax.devices()[0].device_kind}'}
+    self.last_saved = checkpointing.save(self.manager, step, state,
+                                         run.config, record)
+    self._saved_step = step
+    self._maybe_inject('kill_in_save', step)
+    if self._fault and self._fault[0] == 'kill_after_save':
+      self.manager.wait_until_finished()
+      self._maybe_inject('kill_after_save', step)
+    return base.Update(checkpoint=self.last_saved)
+
+  # -------------------------------------------------------------------- end
+  def on_train_end(self, run, step, state, result):
+    if self.manager is not None:
+      self.manager.wait_until_finished()  # async saves finish before exit
+      self.manager.close()
+      self.manager = None
+
+  def _maybe_inject(self, kind, step):
+    if self._fault == (kind, step):
+      if kind == 'kill_in_step':
+        # Deterministic: the earlier async save has landed; only the step
+        # in flight is lost.
+        self.manager.wait_until_finished()
+      os.kill(os.getpid(),
+              signal.SIGTERM if kind == 'term' else signal.SIGKILL)

@@ -1,0 +1,18 @@
+"""Writes the run's report (`mnist_jax.report`) after a successful run."""
+
+from __future__ import annotations
+
+from mnist_jax import parallel
+from mnist_jax import report
+from mnist_jax.hooks import base
+
+
+class ReportHook(base.Hook):
+  """Writes `<workdir>/report/` after training (lead process only)."""
+  order = 40  # after SummaryHook has closed the event files it reads
+
+  def on_train_end(self, run, step, state, result):
+    if result is None or not parallel.is_lead():
+      return
+    report.write_report(run.workdir, run.config, state.params,
+                        test=run.data.test, history=result)

@@ -4,8 +4,9 @@ r"""Checkpoint benchmark: save and restore of the default model's train state.
 
 Times, for the default config's state (3.27M parameters + Adam moments,
 ~39 MB) on this machine's devices, through the same code the training run
-uses (`checkpointing.CheckpointHook.save`, `create_manager`, restore against
-an abstract target with the current shardings):
+uses (`checkpointing.all_finite` and `checkpointing.save`, as the checkpoint
+hook calls them; restore against an abstract target with the current
+shardings):
 
   * save_blocking: how long the training loop waits for an asynchronous save
     (the finiteness check and the copy off the devices);
@@ -31,15 +32,8 @@ from benchmarks import common  # noqa: E402
 from configs import default  # noqa: E402
 from mnist_jax import checkpointing  # noqa: E402
 from mnist_jax import models  # noqa: E402
-from mnist_jax import train  # noqa: E402
-
-
-class _Ctx:
-  """The few Context fields `CheckpointHook.save` reads."""
-
-  def __init__(self, config):
-    self.config = config
-    self.last_good_checkpoint = ''
+from mnist_jax import parallel  # noqa: E402
+from mnist_jax import steps  # noqa: E402
 
 
 def main():
@@ -50,30 +44,27 @@ def main():
   args = parser.parse_args()
   config = default.get_config()
   model = models.create_model(config)
-  mesh = train.create_mesh()
-  state = train.put_replicated(train.create_train_state(
-      config, model, train.create_learning_rate_fn(config, 55000)), mesh)
-  tree = {'step': state.step, 'params': state.params,
-          'opt_state': state.opt_state}
+  mesh = parallel.create_mesh()
+  state = parallel.put_replicated(steps.create_train_state(
+      config, model, 55000, jax.random.key(0)), mesh)
+  tree = checkpointing.state_tree(state)
   num_bytes = sum(x.nbytes for x in jax.tree.leaves(tree))
   root = tempfile.mkdtemp(prefix='mnist_ckpt_bench_', dir=args.dir or None)
   times = {'save_blocking': [], 'save_total': [], 'restore': []}
   try:
     directory = os.path.join(root, 'checkpoints')
-    hook = checkpointing.CheckpointHook(config)
-    hook.manager = checkpointing.create_manager(directory, max_to_keep=2)
-    ctx = _Ctx(config)
+    manager = checkpointing.create_manager(directory, max_to_keep=2)
     abstract = checkpointing.abstract_like(tree)
     for i in range(args.repeats + 1):  # the first round warms up (compiles)
       t0 = time.perf_counter()
-      hook.save(ctx, i, state)
+      assert checkpointing.all_finite((state.params, state.opt_state))
+      checkpointing.save(manager, i, state, config, {'reason': 'benchmark'})
       t1 = time.perf_counter()
-      hook.manager.wait_until_finished()
+      manager.wait_until_finished()
       t2 = time.perf_counter()
       reader = checkpointing.create_manager(directory, read_only=True)
       t3 = time.perf_counter()
-      restored = checkpointing._restore(  # pylint: disable=protected-access
-          reader, i, abstract, partial=False)
+      restored = checkpointing.restore_items(reader, i, abstract)
       jax.block_until_ready(restored.state)
       t4 = time.perf_counter()
       reader.close()
@@ -81,7 +72,7 @@ def main():
         times['save_blocking'].append(t1 - t0)
         times['save_total'].append(t2 - t0)
         times['restore'].append(t4 - t3)
-    hook.manager.close()
+    manager.close()
   finally:
     shutil.rmtree(root)  # our own temporary folder only
   stats = {k: common.summarize(v) for k, v in times.items()}

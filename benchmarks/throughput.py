@@ -30,20 +30,23 @@ import jax  # noqa: E402
 
 from benchmarks import common  # noqa: E402
 from configs import default  # noqa: E402
+from mnist_jax import parallel  # noqa: E402
+from mnist_jax import steps  # noqa: E402
 from mnist_jax import train  # noqa: E402
+from mnist_jax.hooks import base  # noqa: E402
 
 
-class _EpochClock(train.Hook):
+class _EpochClock(base.Hook):
   """Wall time at every epoch end (after evaluation and the other hooks)."""
+  order = 100  # last
 
   def __init__(self):
     self.times = []
 
-  def on_train_start(self, ctx, state):
+  def on_train_start(self, run, state):
     self.times.append(time.perf_counter())
-    return state
 
-  def on_epoch_end(self, ctx, epoch, step, state, record):
+  def on_epoch_end(self, run, epoch, step, state, record):
     self.times.append(time.perf_counter())
 
 
@@ -51,11 +54,11 @@ def bare_step(config, windows: int):
   """img/s of the compiled train_fn alone, one epoch of dispatches a window."""
   ctx = train.setup(config, tempfile.mkdtemp(prefix='bench_bare_'))
   n = len(ctx.data.train)
-  state = train.put_replicated(train.create_train_state(
-      config, ctx.model, ctx.learning_rate_fn, ctx.rngs['init']), ctx.mesh)
-  data = train.put_replicated({'image': ctx.data.train.images,
-                               'label': ctx.data.train.labels}, ctx.mesh)
-  train_fn = train.make_train_fn(config, ctx.learning_rate_fn, n, ctx.mesh)
+  state = parallel.put_replicated(steps.create_train_state(
+      config, ctx.model, n, ctx.rngs['init']), ctx.mesh)
+  data = parallel.put_replicated({'image': ctx.data.train.images,
+                                  'label': ctx.data.train.labels}, ctx.mesh)
+  train_fn = steps.make_train_fn(config, n, ctx.mesh)
   perm = jax.random.permutation(ctx.rngs['data'], n)
   k, spe = config.steps_per_dispatch, ctx.steps_per_epoch
   lengths = [k] * (spe // k) + ([spe % k] if spe % k else [])

@@ -1,24 +1,11 @@
 """MNIST input: whole splits as uint8 arrays, the tutorial's split, data order.
 
-MNIST is 55 MB as uint8, so the whole dataset is loaded once into host memory
-(and, by `train.py`, once onto the devices). Each training step then gathers its
-batch on the device from the epoch's permutation, so there is no per-step
-host-to-device copy and no input pipeline to keep fed.
-
-Two sources, chosen by `config.data.source`:
-  * 'tfds': `tfds.load('mnist')`, from `config.data.dir`, else `TFDS_DATA_DIR`,
-    else TFDS's default (~/tensorflow_datasets).
-  * 'idx': the tutorial's `MNIST_data/` folder with the four classic IDX files
-    (`train-images-idx3-ubyte[.gz]` etc.), gzipped or not.
-
-Split (as the tutorial's `read_data_sets`): the *first* `num_validation`
-(5,000) training images, in the source's own order, validate; the remaining
-55,000 train; the 10,000 test images test.
-
-Data order: epoch `e` visits the training set in the order
-`jax.random.permutation(fold_in(key(seed), e), n)`, a pure function of
-(seed, epoch); the last incomplete batch of an epoch is dropped. Resuming
-therefore needs nothing but the step.
+The dataset (55 MB as uint8) is loaded once into host memory and once onto
+the devices; each step gathers its batch there. Sources: 'tfds'
+(`tfds.load('mnist')`) or 'idx' (the tutorial's `MNIST_data/` IDX files).
+The first `num_validation` training images, in the source's own order,
+validate. Epoch `e` visits the training set in the order
+`permutation(fold_in(key, e))`, a pure function of (seed, epoch).
 """
 
 from __future__ import annotations

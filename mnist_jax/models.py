@@ -121,7 +121,8 @@ def init_params(model: CNN, rng: jax.Array):
 def abstract_params(model: CNN, sharding=None):
   """ShapeDtypeStructs of the parameters (with `sharding`, if given): the
   target that restores a checkpoint's parameters onto these devices."""
-  shapes = jax.eval_shape(init_params, model, jax.random.key(0))
+  shapes = jax.eval_shape(lambda rng: init_params(model, rng),
+                          jax.random.key(0))
   return jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
       shapes)

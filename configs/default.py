@@ -10,7 +10,7 @@ Short local run used by CI (a few hundred steps, >= 95% test accuracy):
 
   python launch.py --config configs/default.py:smoke --workdir /tmp/smoke
 
-Expected (measured on a 2-vCPU AMD EPYC, jax 0.10.2, see README "Results"):
+Expected (measured on a 2-vCPU AMD EPYC, jax 0.10.2, see the README's "Results"):
 99.26% final test accuracy after 20 epochs (2,140 steps of 512 images) in
 ~8.5 minutes of wall time (~2,400 training images/s); 99.0% is first reached
 after epoch 6 (142 s of training). The smoke run reaches ~98.5% in ~1.5 min.
@@ -37,7 +37,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.lowering = 'fast'  # How layers lower to XLA: 'fast' or 'reference'; same function.
   config.dtype = 'float32'  # Activation/compute dtype ('float32' or 'bfloat16'); params stay f32.
 
-  # --- Parallelism (see README "Scaling out") ---
+  # --- Parallelism (see docs/scaling.md) ---
   config.parallelism = 'jit'  # 'jit': one program over a mesh of all devices; 'pmap': classic pmap.
   config.distributed = ml_collections.ConfigDict()
   config.distributed.initialize = 'auto'  # jax.distributed: 'auto' (coordinator given or TPU VM), 'yes', 'no'.

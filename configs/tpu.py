@@ -1,6 +1,6 @@
 r"""TPU VM config: the default run on a v4-8 or v5e-8 (one host or a slice).
 
-Single-host TPU VM (run on the VM; see README "Scaling out" for the setup):
+Single-host TPU VM (run on the VM; see docs/scaling.md for the setup):
 
   python launch.py --config configs/tpu.py:bucket=MY_BUCKET --workdir runs/tpu
 
@@ -15,7 +15,7 @@ mounted with gcsfuse, because orbax writes checkpoints from all hosts):
        --workdir /mnt/shared/mnist_jax/runs/tpu_bf16"
 
 Config args (comma-separated): `bucket=NAME` reads TFDS data from
-gs://NAME/tensorflow_datasets (prepared once, see the README) and keeps the
+gs://NAME/tensorflow_datasets (prepared once, see docs/scaling.md) and keeps the
 persistent compilation cache in gs://NAME/jax_cache; `bf16` computes
 activations in bfloat16 (parameters and optimizer state stay float32).
 

@@ -28,6 +28,8 @@ from mnist_jax.errors import UserError
 # supervisors expect of a terminated process (retry-on-pre-emption policies
 # fire), yet distinct from errors (2) and success (0).
 EXIT_PREEMPTED = 143
+# Exit status after Ctrl-C (saved, or aborted): 128 + SIGINT, as a shell's.
+EXIT_INTERRUPTED = 130
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -101,11 +103,16 @@ def main(argv):
         evaluate.print_checkpoints(workdir)
       return
     result = train.train_and_evaluate(FLAGS.config, workdir)
-    if result and result.get('stopped_early'):  # pre-empted, state saved
-      sys.exit(EXIT_PREEMPTED)
+    if result and result.get('stopped_early'):  # state saved
+      sys.exit(EXIT_INTERRUPTED if result['stop_reason'] == 'SIGINT'
+               else EXIT_PREEMPTED)
   except UserError as e:
     print(f'Error: {e}', file=sys.stderr, flush=True)
     sys.exit(2)
+  except KeyboardInterrupt:  # outside training's own Ctrl-C handling
+    print('\nInterrupted; nothing was being trained, so nothing is lost.',
+          file=sys.stderr, flush=True)
+    sys.exit(EXIT_INTERRUPTED)
 
 
 if __name__ == '__main__':

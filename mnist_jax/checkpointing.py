@@ -10,6 +10,7 @@ so a checkpoint written on any devices restores on this machine's.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -97,6 +98,19 @@ def save(manager, step: int, state, config, run: dict[str, Any]) -> str:
       config=ocp.args.JsonSave(config_json(config)),
       run=ocp.args.JsonSave(run)))
   return os.path.join(str(manager.directory), str(step))
+
+
+def is_disk_full(error: BaseException) -> bool:
+  """Whether `error`, or an error it was raised from, is ENOSPC (orbax wraps
+  the OSError of its writer threads)."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if (isinstance(error, OSError) and error.errno == errno.ENOSPC
+        or 'No space left on device' in str(error)):
+      return True
+    error = error.__cause__ or error.__context__
+  return False
 
 
 # --------------------------------------------------------------- restoring

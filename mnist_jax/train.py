@@ -40,8 +40,11 @@ from mnist_jax.hooks import summaries
 # Streams derived from key(seed) with fold_in: never stored, never threaded.
 _INIT, _DROPOUT, _DATA = 0, 1, 2
 # Signals that stop a single-process run after the step in flight, with a
-# checkpoint. (Multi-host runs use JAX's pre-emption service through orbax.)
-STOP_SIGNALS = (signal.SIGTERM,)
+# checkpoint (SIGTERM: pre-emption; SIGINT: Ctrl-C). A second one aborts at
+# once. Multi-host runs use JAX's pre-emption service through orbax.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# Exit status of an abort by a second signal: 128 + SIGINT, as a shell's.
+EXIT_ABORTED = 130
 # How the line printed when the loop stops early names each reason.
 _STOP_WORDS = {'SIGTERM': 'Pre-empted (SIGTERM)', 'pre-empted': 'Pre-empted',
                'SIGINT': 'Interrupted', 'requested': 'Stopped early'}
@@ -147,29 +150,33 @@ def train_and_evaluate(
                                run.rngs['init']), run.mesh)
   loop = _Loop(run, hooks, on_epoch)
   started, result = [], None
-  try:
-    with _stop_signals() as signalled:
+  with _stop_signals() as signalled:
+    try:
       for hook in hooks:
         started.append(hook)
         state = loop.apply(hook.on_train_start(run, state), state)
       state, stop_reason = loop.train(state, signalled)
-    step = int(state.step)
-    result = {'config': config.to_dict(), 'epochs': loop.history,
-              'final': {}, 'step': step}
-    if stop_reason:
-      result.update(stopped_early=True, stop_reason=stop_reason)
-    else:
-      last = loop.history[-1] if loop.history else {}
-      result['final'] = {k: v for k, v in last.items()
-                         if k.startswith(('validation_', 'test_'))}
-      if parallel.is_lead():  # every process holds the same result
-        with open(os.path.join(workdir, 'metrics.json'), 'w') as f:
-          json.dump(result, f, indent=1)
-      if result['final']:
-        parallel.say('Final test accuracy: '
-                     f"{result['final']['test_accuracy']:.2%}")
-  finally:
-    _end_hooks(started, run, state, result)
+      result = _result(config, workdir, loop.history, int(state.step),
+                       stop_reason)
+    finally:
+      _end_hooks(started, run, state, result)
+  return result
+
+
+def _result(config, workdir: str, history, step: int, stop_reason):
+  """The run's result; written to metrics.json when the run completed."""
+  result = {'config': config.to_dict(), 'epochs': history, 'final': {},
+            'step': step}
+  if stop_reason:
+    return dict(result, stopped_early=True, stop_reason=stop_reason)
+  last = history[-1] if history else {}
+  result['final'] = {k: v for k, v in last.items()
+                     if k.startswith(('validation_', 'test_'))}
+  if parallel.is_lead():  # every process holds the same result
+    with open(os.path.join(workdir, 'metrics.json'), 'w') as f:
+      json.dump(result, f, indent=1)
+  if result['final']:
+    parallel.say(f"Final test accuracy: {result['final']['test_accuracy']:.2%}")
   return result
 
 
@@ -197,8 +204,21 @@ def _stop_signals():
       or threading.current_thread() is not threading.main_thread()):
     yield received
     return
-  handler = lambda signum, frame: received.append(  # pylint: disable=g-long-lambda
-      signal.Signals(signum).name)
+
+  def handler(signum, frame):
+    del frame
+    name = signal.Signals(signum).name
+    # os.write: safe wherever the handler interrupts the main thread.
+    if received:  # the second signal: the user does not want to wait
+      os.write(2, (f'\n{name} again: aborting now, without saving. A '
+                   'checkpoint being written is discarded; the previous ones '
+                   'are kept, and the same command resumes from the latest.\n'
+                   ).encode())
+      os._exit(EXIT_ABORTED)  # pylint: disable=protected-access
+    received.append(name)
+    os.write(2, (f'\n{name}: stopping after the step in flight to save a '
+                 'checkpoint (Ctrl-C again aborts at once).\n').encode())
+
   old = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
   try:
     yield received

@@ -9,7 +9,9 @@ picked up); `on_train_end` waits for them.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import signal
 import time
 from typing import Any
@@ -18,7 +20,7 @@ import jax
 
 from mnist_jax import checkpointing
 from mnist_jax import parallel
-from mnist_jax.errors import NonFiniteLossError
+from mnist_jax.errors import CheckpointError, NonFiniteLossError
 from mnist_jax.hooks import base
 
 # Test-only fault injection for the subprocess fault tests, '<kind>:<step>'
@@ -35,11 +37,13 @@ class CheckpointHook(base.Hook):
     self.history: list[dict[str, Any]] = []
     self.last_saved = ''
     self._saved_step = None
+    self._workdir = ''
     kind, _, step = os.environ.get(_FAULT_ENV, '').partition(':')
     self._fault = (kind, int(step)) if kind else None
 
   # ------------------------------------------------------------------ start
   def on_train_start(self, run, state):
+    self._workdir = run.workdir
     directory = checkpointing.checkpoint_dir(run.workdir)
     self.manager = checkpointing.create_manager(
         directory, run.config.max_checkpoints_to_keep)
@@ -93,7 +97,8 @@ class CheckpointHook(base.Hook):
     update = None
     if self._saved_step != step:  # not already saved at this very step
       update = self._save(run, step, state, reason='preempted')
-    self.manager.wait_until_finished()  # on disk before the process ends
+    with self._disk_full_is_a_user_error(step):
+      self.manager.wait_until_finished()  # on disk before the process ends
     return update
 
   def on_epoch_end(self, run, epoch, step, state, record):
@@ -115,8 +120,9 @@ class CheckpointHook(base.Hook):
               'time': time.time(), 'reason': reason,
               'devices': f'{jax.device_count()} x '
                          f'{jax.devices()[0].device_kind}'}
-    self.last_saved = checkpointing.save(self.manager, step, state,
-                                         run.config, record)
+    with self._disk_full_is_a_user_error(step):
+      self.last_saved = checkpointing.save(self.manager, step, state,
+                                           run.config, record)
     self._saved_step = step
     self._maybe_inject('kill_in_save', step)
     if self._fault and self._fault[0] == 'kill_after_save':
@@ -127,9 +133,30 @@ class CheckpointHook(base.Hook):
   # -------------------------------------------------------------------- end
   def on_train_end(self, run, step, state, result):
     if self.manager is not None:
-      self.manager.wait_until_finished()  # async saves finish before exit
-      self.manager.close()
-      self.manager = None
+      try:
+        with self._disk_full_is_a_user_error(self._saved_step):
+          self.manager.wait_until_finished()  # async saves land before exit
+      finally:
+        self.manager.close()
+        self.manager = None
+
+  @contextlib.contextmanager
+  def _disk_full_is_a_user_error(self, step):
+    """A full disk while saving becomes one line saying what survived."""
+    try:
+      yield
+    except Exception as e:  # pylint: disable=broad-except
+      if not checkpointing.is_disk_full(e):
+        raise
+      failed = re.search(r'/(\d+)\.orbax-checkpoint-tmp', str(e))
+      step = int(failed.group(1)) if failed else step  # an earlier async save
+      kept = sorted(self.manager.all_steps()) if self.manager else []
+      raise CheckpointError(
+          f'no space left on the device while saving the checkpoint of step '
+          f'{step} in {checkpointing.checkpoint_dir(self._workdir)}. The '
+          f'earlier checkpoints are kept and readable (steps: '
+          f'{kept or "none"}); free some space and run the same command '
+          'again to resume from the latest.') from None
 
   def _maybe_inject(self, kind, step):
     if self._fault == (kind, step):

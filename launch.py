@@ -110,7 +110,8 @@ def main(argv):
     print(f'Error: {e}', file=sys.stderr, flush=True)
     sys.exit(2)
   except KeyboardInterrupt:  # outside training's own Ctrl-C handling
-    print('\nInterrupted; nothing was being trained, so nothing is lost.',
+    print('\nInterrupted' + (' before training started; nothing to save.'
+                             if FLAGS.mode == 'train' else '.'),
           file=sys.stderr, flush=True)
     sys.exit(EXIT_INTERRUPTED)
 

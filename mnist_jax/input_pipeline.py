@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import hashlib
 import os
 import struct
 import zipfile
@@ -144,7 +145,6 @@ def _cached(files: list[str], cache_dir: str, load_fn):
   """
   if cache_dir == 'none' or not files:
     return load_fn()
-  import hashlib  # pylint: disable=g-import-not-at-top
   cache_dir = cache_dir or os.path.join(
       os.environ.get('XDG_CACHE_HOME', os.path.expanduser('~/.cache')),
       'mnist_jax')

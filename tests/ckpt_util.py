@@ -11,14 +11,16 @@ import numpy as np
 
 from configs import default
 from conftest import ROOT
+from conftest import tiny_config_for
 from mnist_jax import checkpointing
 from mnist_jax import train
+from mnist_jax.hooks import checkpoint
 
 
-def run(config, workdir, extra_hooks=(), before=()):
+def run(config, workdir, extra_hooks=(), **kwargs):
   """train_and_evaluate with the checkpoint hook only (no summaries/report)."""
-  hooks = [*before, checkpointing.CheckpointHook(config), *extra_hooks]
-  return train.train_and_evaluate(config, workdir, hooks=hooks)
+  hooks = [checkpoint.CheckpointHook(), *extra_hooks]
+  return train.train_and_evaluate(config, workdir, hooks=hooks, **kwargs)
 
 
 def steps(workdir):
@@ -79,9 +81,9 @@ def launch(workdir, config, *extra, fault=None, devices=1,
            lean=False, timeout=240):
   """Runs `launch.py` (or, lean, tests/ckpt_driver.py) in a new process."""
   env = dict(os.environ)
-  env.pop(checkpointing._FAULT_ENV, None)  # pylint: disable=protected-access
+  env.pop(checkpoint._FAULT_ENV, None)  # pylint: disable=protected-access
   if fault:
-    env[checkpointing._FAULT_ENV] = fault  # pylint: disable=protected-access
+    env[checkpoint._FAULT_ENV] = fault  # pylint: disable=protected-access
   env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') +
                       f' --xla_force_host_platform_device_count={devices}')
   # The project's persistent compilation cache (train.setup turns it on)
@@ -107,7 +109,6 @@ def reference_run(tmp_path_factory, idx_dir):
   Built once per session (both checkpoint test modules use it): returns
   (config, workdir, result, final params).
   """
-  from conftest import tiny_config_for  # pylint: disable=g-import-not-at-top
   config = tiny_config_for(idx_dir)
   workdir = str(tmp_path_factory.getbasetemp() / 'ckpt_reference')
   done = os.path.join(workdir, 'result.json')

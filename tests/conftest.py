@@ -1,13 +1,17 @@
-"""Shared fixtures: tiny generated MNIST-like data and a fast config.
+"""Shared fixtures and helpers: tiny generated MNIST-like data, a fast
+config, host metrics as the loop hands them to hooks, and an event-file reader.
 
 Nothing here needs the network: the IDX files are written by the fixture.
 """
 
+import glob
 import gzip
 import os
 import struct
 import sys
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -16,6 +20,7 @@ sys.path.insert(0, ROOT)
 
 import mnist_jax  # noqa: E402,F401  (XLA flags before JAX starts)
 from configs import default  # noqa: E402
+from mnist_jax import metrics as metrics_lib  # noqa: E402
 
 
 def write_idx(path, array, gz=True):
@@ -77,3 +82,28 @@ def tiny_config_for(idx_folder):
 def tiny_config(idx_dir):
   """A fast config on the generated data: 600 train images, batch 32."""
   return tiny_config_for(idx_dir)
+
+
+def stacked_train_metrics(losses, lrs):
+  """Host TrainMetrics stacked over steps, as the loop hands `on_metrics`:
+  step i has loss `losses[i]`, learning rate `lrs[i]` and accuracy 1/2."""
+  steps = []
+  for loss, lr in zip(losses, lrs):
+    logits = jnp.array([[1.0, 0.0], [0.0, 1.0]])
+    steps.append(metrics_lib.TrainMetrics.single_from_model_output(
+        loss=jnp.float32(loss), logits=logits, labels=jnp.array([0, 0]),
+        learning_rate=jnp.float32(lr)))
+  return jax.tree.map(lambda *x: np.stack([np.asarray(v) for v in x]), *steps)
+
+
+def read_events(logdir):
+  """{tag: {step: (plugin, value or None)}} of every summary in `logdir`."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  out = {}
+  for path in sorted(glob.glob(os.path.join(logdir, 'events.out.tfevents.*'))):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      for v in event.summary.value:
+        plugin = v.metadata.plugin_data.plugin_name
+        value = tf.make_ndarray(v.tensor) if v.HasField('tensor') else None
+        out.setdefault(v.tag, {})[event.step] = (plugin, value)
+  return out

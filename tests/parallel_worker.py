@@ -23,21 +23,24 @@ import numpy as np  # noqa: E402
 
 from mnist_jax import input_pipeline  # noqa: E402
 from mnist_jax import parallel  # noqa: E402
+from mnist_jax import steps  # noqa: E402
 from mnist_jax import train  # noqa: E402
+from mnist_jax.hooks import base  # noqa: E402
+from mnist_jax.hooks import checkpoint  # noqa: E402
 
 
-class Recorder(train.Hook):
+class Recorder(base.Hook):
   """Collects what the test compares, from what the loop hands the hooks."""
 
   def __init__(self):
     self.losses = []
     self.out = {}
 
-  def on_metrics(self, ctx, first_step, metrics):
+  def on_metrics(self, run, first_step, metrics):
     self.losses += list(np.asarray(metrics.loss.total / metrics.loss.count,
                                    np.float64))
 
-  def on_train_end(self, ctx, step, state, result):
+  def on_train_end(self, run, step, state, result):
     leaves = jax.tree.leaves((state.params, state.opt_state))
     self.out['param_dtypes'] = sorted(
         {str(x.dtype) for x in jax.tree.leaves(state.params)})
@@ -45,22 +48,22 @@ class Recorder(train.Hook):
         {str(x.dtype) for x in leaves if jax.numpy.issubdtype(
             x.dtype, jax.numpy.floating)})
     self.out['eval_counts'] = {
-        name: int(jax.device_get(ctx.eval_fn(state.params, split))
+        name: int(jax.device_get(run.eval_fn(state.params, split))
                   .accuracy.count)
-        for name, split in ctx.eval_splits.items()}
-    self.out['local_rows'] = local_batch_rows(ctx)
+        for name, split in run.eval_splits.items()}
+    self.out['local_rows'] = local_batch_rows(run)
 
 
-def local_batch_rows(ctx):
+def local_batch_rows(run):
   """Rows of step 0's global batch that this process's devices gather, with
   the same index code and sharding as the training step."""
-  config, n = ctx.config, len(ctx.data.train)
-  mesh = ctx.mesh
+  config, n = run.config, len(run.data.train)
+  mesh = run.mesh
   perm = jax.jit(lambda key: input_pipeline.epoch_permutation(key, 0, n),
                  out_shardings=jax.NamedSharding(mesh, jax.P()))(
-                     ctx.rngs['data'])
-  idx = jax.jit(lambda p: train.batch_indices(
-      p, 0, batch_size=config.batch_size, spe=ctx.steps_per_epoch),
+                     run.rngs['data'])
+  idx = jax.jit(lambda p: steps.batch_indices(
+      p, 0, batch_size=config.batch_size, spe=run.steps_per_epoch),
                 out_shardings=jax.NamedSharding(mesh, jax.P('data')))(perm)
   shards = sorted(idx.addressable_shards, key=lambda s: s.index[0].start or 0)
   return {'rows': [int(r) for s in shards for r in np.asarray(s.data)],
@@ -87,8 +90,7 @@ def main(spec_path, out_path):
     recorder = Recorder()
     hooks = [recorder]
     if run.get('checkpoint'):
-      from mnist_jax import checkpointing  # pylint: disable=g-import-not-at-top
-      hooks.insert(0, checkpointing.CheckpointHook(config))
+      hooks.insert(0, checkpoint.CheckpointHook())
     result = train.train_and_evaluate(config, run['workdir'], hooks=hooks)
     results[run['name']] = dict(
         recorder.out, losses=recorder.losses, final=result['final'],

@@ -2,8 +2,8 @@
 pre-emption, and restoring across device counts (8 forced CPU devices <-> 1).
 
 Kill points are driven deterministically by the test-only environment
-variable MNIST_JAX_TEST_FAULT (see checkpointing._FAULT_ENV): the process
-kills itself at an exact step and phase.
+variable MNIST_JAX_TEST_FAULT (see hooks/checkpoint.py): the process kills
+itself at an exact step and phase.
 """
 
 import json
@@ -11,12 +11,16 @@ import os
 import re
 import signal
 
+import jax
 import numpy as np
 import pytest
 
 import ckpt_util
-from mnist_jax import checkpoint_tools
+from launch import EXIT_PREEMPTED
 from mnist_jax import checkpointing
+from mnist_jax import evaluate
+from mnist_jax import parallel
+from mnist_jax import steps
 from mnist_jax import train
 
 pytestmark = pytest.mark.slow
@@ -62,7 +66,7 @@ def test_kills_and_preemption_resume_exactly(reference, tmp_path,
   assert 'Resuming from step 10' in out
   assert ckpt_util.steps(workdir) == [10, 20, 30]
   # 4. SIGTERM (pre-emption) at step 33: save there, say so, exit 143.
-  out = launch('term:33', checkpointing.EXIT_PREEMPTED)
+  out = launch('term:33', EXIT_PREEMPTED)
   assert 'Resuming from step 30' in out
   assert 'Pre-empted (SIGTERM): saved checkpoint at step 33' in out
   assert ckpt_util.steps(workdir) == [10, 20, 30, 33]
@@ -80,7 +84,6 @@ def _accuracy(stdout):
 
 def test_checkpoints_move_between_device_counts(reference,
                                                 tmp_path, capsys):
-  import jax  # pylint: disable=g-import-not-at-top
   assert jax.device_count() != 8  # the in-process side is the "other" machine
   config, ref_workdir, ref_result, _ = reference
   # Saved on 1 device, evaluated on 8, through `launch.py --mode eval`.
@@ -105,16 +108,16 @@ def test_checkpoints_move_between_device_counts(reference,
   saved_on = manager.item_metadata(0)['state'].tree['params']['fc3']['kernel']
   manager.close()
   assert len(saved_on.sharding.device_mesh.mesh) == 8
-  record = checkpoint_tools.evaluate_checkpoint(config, workdir)
+  record = evaluate.evaluate_checkpoint(config, workdir)
   assert record['step'] == 0
   assert record['devices'].startswith(f'{jax.device_count()} x')
-  ctx = train.setup(config, workdir)
-  init = train.create_train_state(config, ctx.model, ctx.learning_rate_fn,
-                                  ctx.rngs['init'])
+  run = train.setup(config, workdir)
+  init = steps.create_train_state(config, run.model, len(run.data.train),
+                                  run.rngs['init'])
   ckpt_util.assert_bitwise_equal(ckpt_util.saved_params(workdir, 0),
                                  jax.tree.map(np.asarray, init.params))
-  for name, split in ctx.eval_splits.items():
-    want = train.evaluate(ctx.eval_fn, train.put_replicated(
-        init.params, ctx.mesh), split)
+  for name, split in run.eval_splits.items():
+    want = steps.evaluate(run.eval_fn, parallel.put_replicated(
+        init.params, run.mesh), split)
     assert record[f'{name}_accuracy'] == want['accuracy']
     assert record[f'{name}_loss'] == want['loss']

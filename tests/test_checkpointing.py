@@ -1,19 +1,31 @@
 """Checkpoints in-process: saving, exact resume, config checks, fine-tuning,
-evaluation, listing, corruption fall-back and non-finite states."""
+evaluation, listing, corruption fall-back, non-finite states, stopping on
+request, and checkpoints written by the code before the package was layered."""
 
 import json
 import os
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
+import orbax.checkpoint as ocp
 import pytest
 
 import ckpt_util
-from mnist_jax import checkpoint_tools
 from mnist_jax import checkpointing
+from mnist_jax import evaluate
+from mnist_jax import optimizer
+from mnist_jax import parallel
+from mnist_jax import steps
 from mnist_jax import train
-from mnist_jax.errors import ConfigError
+from mnist_jax.errors import CheckpointError, ConfigError, NonFiniteLossError
+from mnist_jax.hooks import base
+from mnist_jax.hooks import checkpoint
+
+LEGACY_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                             'data', 'config_d886839_tiny.json')
 
 
 @pytest.fixture(scope='module')
@@ -26,9 +38,7 @@ def test_saves_state_config_and_metrics(reference):
   assert ckpt_util.steps(workdir) == [10, 20, 30, 36]
   manager = checkpointing.create_manager(
       checkpointing.checkpoint_dir(workdir), read_only=True)
-  saved = manager.restore(36, args=checkpointing.ocp.args.Composite(
-      config=checkpointing.ocp.args.JsonRestore(),
-      run=checkpointing.ocp.args.JsonRestore()))
+  saved = checkpointing.restore_items(manager, 36)
   manager.close()
   assert saved.config == json.loads(json.dumps(config.to_dict()))
   assert saved.run['reason'] == 'final'
@@ -68,16 +78,22 @@ def test_config_change_that_alters_the_run_is_refused(reference):
     ckpt_util.run(changed, workdir)
 
 
-def _start(config, workdir, hook=None):
-  """Runs only the restore-or-init step of a run; returns (state, ctx)."""
-  ctx = train.setup(config, workdir)
-  state = train.put_replicated(train.create_train_state(
-      config, ctx.model, ctx.learning_rate_fn, ctx.rngs['init']), ctx.mesh)
-  hook = hook or checkpointing.CheckpointHook(config)
+def _fresh_state(run):
+  return parallel.put_replicated(steps.create_train_state(
+      run.config, run.model, len(run.data.train), run.rngs['init']), run.mesh)
+
+
+def _start(config, workdir):
+  """Runs only the restore-or-init step of a run; returns (state, run)."""
+  run = train.setup(config, workdir)
+  state = _fresh_state(run)
+  hook = checkpoint.CheckpointHook()
   try:
-    return hook.on_train_start(ctx, state), ctx
+    update = hook.on_train_start(run, state)
   finally:
-    hook.on_train_end(ctx, -1, state, None)
+    hook.on_train_end(run, -1, state, None)
+  return (state if update is None or update.state is None
+          else update.state), run
 
 
 def test_fine_tuning_takes_params_only(reference, tmp_path, capsys):
@@ -115,19 +131,19 @@ def test_fine_tuning_errors(reference, tmp_path):
   tuned = config.copy_and_resolve_references()
   tuned.init_from = workdir
   tuned.num_classes = 5
-  with pytest.raises(checkpointing.CheckpointError,
+  with pytest.raises(CheckpointError,
                      match=r'fc4/kernel: checkpoint \(1, 1, 1024, 10\) vs '
                      r'model \(1, 1, 1024, 5\).*num_classes'):
     _start(tuned, str(tmp_path / 'a'))
   tuned.num_classes = 10
   tuned.init_from = str(tmp_path / 'nothing')
-  with pytest.raises(checkpointing.CheckpointError, match='no checkpoints'):
+  with pytest.raises(CheckpointError, match='no checkpoints'):
     _start(tuned, str(tmp_path / 'b'))
 
 
 def test_eval_mode_and_info(reference, capsys):
   config, workdir, result, _ = reference
-  record = checkpoint_tools.evaluate_checkpoint(config, workdir)
+  record = evaluate.evaluate_checkpoint(config, workdir)
   assert record['step'] == 36
   out = capsys.readouterr().out
   acc = result['final']['test_accuracy']
@@ -142,13 +158,13 @@ def test_eval_mode_and_info(reference, capsys):
   assert os.path.getsize(os.path.join(record['report'], 'confusion_matrix.png'))
   at10 = config.copy_and_resolve_references()
   at10.eval_step = 10
-  assert checkpoint_tools.evaluate_checkpoint(at10, workdir)['step'] == 10
+  assert evaluate.evaluate_checkpoint(at10, workdir)['step'] == 10
   at10.eval_step = 11
-  with pytest.raises(checkpointing.CheckpointError,
+  with pytest.raises(CheckpointError,
                      match=r'no checkpoint for step 11.*\[10, 20, 30, 36\]'):
-    checkpoint_tools.evaluate_checkpoint(at10, workdir)
+    evaluate.evaluate_checkpoint(at10, workdir)
   capsys.readouterr()
-  checkpoint_tools.print_checkpoints(workdir)
+  evaluate.print_checkpoints(workdir)
   lines = capsys.readouterr().out.splitlines()
   assert lines[0].startswith('4 checkpoint(s)')
   assert [int(line.split()[0]) for line in lines[2:]] == [10, 20, 30, 36]
@@ -156,11 +172,12 @@ def test_eval_mode_and_info(reference, capsys):
 
 
 def test_eval_mode_errors(tiny_config, tmp_path):
-  with pytest.raises(checkpointing.CheckpointError, match='no checkpoints in'):
-    checkpoint_tools.evaluate_checkpoint(tiny_config, str(tmp_path))
+  with pytest.raises(CheckpointError, match='no checkpoints in'):
+    evaluate.evaluate_checkpoint(tiny_config, str(tmp_path))
+  os.makedirs(checkpointing.checkpoint_dir(str(tmp_path)))
   tiny_config.eval_step = -2
   with pytest.raises(ConfigError, match='config.eval_step=-2'):
-    checkpoint_tools.evaluate_checkpoint(tiny_config, str(tmp_path))
+    evaluate.evaluate_checkpoint(tiny_config, str(tmp_path))
 
 
 def _truncate_state_files(step_dir):
@@ -179,7 +196,7 @@ def test_corrupt_latest_falls_back_and_is_kept(reference, tmp_path, capsys):
   ckpt_util.copy_steps(workdir, work, [30, 36])
   _truncate_state_files(os.path.join(work, 'checkpoints', '36'))
   # Evaluation falls back without touching anything.
-  assert checkpoint_tools.evaluate_checkpoint(config, work)['step'] == 30
+  assert evaluate.evaluate_checkpoint(config, work)['step'] == 30
   assert 'checkpoints/36 is unreadable' in capsys.readouterr().err
   assert ckpt_util.steps(work) == [30, 36]
   # Training resumes from 30 and moves 36 aside (kept) so it can re-save 36.
@@ -193,30 +210,31 @@ def test_corrupt_latest_falls_back_and_is_kept(reference, tmp_path, capsys):
   assert len(aside) == 1 and aside[0].startswith('36-')
   # Nothing readable at all: a clear error, and still nothing deleted.
   _truncate_state_files(os.path.join(work, 'checkpoints', '30'))
-  with pytest.raises(checkpointing.CheckpointError,
+  with pytest.raises(CheckpointError,
                      match=r'none of the checkpoints.*\[30\].*nothing was '
                      'deleted'):
     _start(config, work)
   assert ckpt_util.steps(work) == [30]
 
 
-class _NaNLearningRateFrom(train.Hook):
+class _NaNLearningRateFrom(base.Hook):
   """Makes the optimizer's learning rate NaN from a given step on."""
 
   def __init__(self, step):
     self.step = step
 
-  def on_train_start(self, ctx, state):
-    base = ctx.learning_rate_fn
-    bad = lambda s: jnp.where(s >= self.step, jnp.nan, base(s))
-    return state.replace(tx=train.create_optimizer(ctx.config, bad))
+  def on_train_start(self, run, state):
+    schedule = state.learning_rate_fn
+    bad = lambda s: jnp.where(s >= self.step, jnp.nan, schedule(s))
+    return base.Update(state=state.replace(
+        tx=optimizer.create_optimizer(run.config, bad)))
 
 
 def test_non_finite_loss_stops_naming_the_last_good_checkpoint(tiny_config,
                                                               tmp_path):
   # Step 13 uses the NaN rate: its parameters are NaN, step 14's loss is NaN,
   # found by the loop one dispatch late (before any save at step 20).
-  with pytest.raises(train.NonFiniteLossError) as e:
+  with pytest.raises(NonFiniteLossError) as e:
     ckpt_util.run(tiny_config, str(tmp_path),
                   extra_hooks=[_NaNLearningRateFrom(12)])
   good = os.path.join(str(tmp_path), 'checkpoints', '10')
@@ -228,23 +246,22 @@ def test_non_finite_loss_stops_naming_the_last_good_checkpoint(tiny_config,
 def test_save_refuses_a_non_finite_state(tiny_config, tmp_path):
   # A save step that falls right after the loss went NaN (before the loop
   # sees the loss): the hook's own check must refuse to save.
-  ctx = train.setup(tiny_config, str(tmp_path))
-  state = train.put_replicated(train.create_train_state(
-      tiny_config, ctx.model, ctx.learning_rate_fn, ctx.rngs['init']),
-                               ctx.mesh)
-  hook = checkpointing.CheckpointHook(tiny_config)
-  state = hook.on_train_start(ctx, state)
+  run = train.setup(tiny_config, str(tmp_path))
+  state = _fresh_state(run)
+  hook = checkpoint.CheckpointHook()
+  assert hook.on_train_start(run, state) is None  # nothing to restore
   try:
-    ctx.last_good_checkpoint = '/runs/x/checkpoints/10'
+    update = hook.on_steps(run, 10, state)  # checkpoint_every_steps=10
+    good = os.path.join(checkpointing.checkpoint_dir(str(tmp_path)), '10')
+    assert update.checkpoint == good
     nan_mu = jax.tree.map(lambda x: x * jnp.nan, state.opt_state)
-    with pytest.raises(train.NonFiniteLossError,
-                       match=r'not finite at step 15.*it was not saved. Last '
-                       'good checkpoint: /runs/x/checkpoints/10'):
-      hook.save(ctx, 15, state.replace(opt_state=nan_mu))
-    hook.save(ctx, 16, state)
+    with pytest.raises(NonFiniteLossError,
+                       match=r'not finite at step 20.*it was not saved. Last '
+                       f'good checkpoint: {good}'):
+      hook.on_steps(run, 20, state.replace(opt_state=nan_mu))
   finally:
-    hook.on_train_end(ctx, 16, state, None)
-  assert ckpt_util.steps(str(tmp_path)) == [16]
+    hook.on_train_end(run, 20, state, None)
+  assert ckpt_util.steps(str(tmp_path)) == [10]
 
 
 def test_default_cadence_saves_at_every_epoch_end(tiny_config, tmp_path):
@@ -274,3 +291,95 @@ def test_resume_regrouping_steps_into_dispatches_is_bitwise(tiny_config,
   assert ckpt_util.steps(parts)[-1] == 36
   ckpt_util.assert_bitwise_equal(ckpt_util.saved_params(parts),
                                  ckpt_util.saved_params(whole))
+
+
+def test_on_epoch_returning_true_stops_with_a_checkpoint_and_resumes(
+    reference, tmp_path, capsys):
+  config, _, ref_result, ref_params = reference
+  workdir = str(tmp_path)
+  seen = []
+  result = ckpt_util.run(config, workdir,
+                         on_epoch=lambda r: seen.append(r['epoch']) or True)
+  assert seen == [1]
+  assert result['stopped_early'] and result['stop_reason'] == 'requested'
+  assert result['step'] == 18 and result['final'] == {}
+  assert 'Stopped early: saved checkpoint at step 18' in capsys.readouterr().out
+  assert ckpt_util.steps(workdir) == [10, 18]  # 18 is not a periodic step
+  assert not os.path.exists(os.path.join(workdir, 'metrics.json'))
+  # Rerunning resumes at 18 and finishes as if never stopped.
+  result = ckpt_util.run(config, workdir, on_epoch=lambda r: True)
+  assert 'Resuming from step 18' in capsys.readouterr().out
+  assert 'stopped_early' not in result  # the last epoch ends the run anyway
+  assert [r['step'] for r in result['epochs']] == [18, 36]
+  assert result['final'] == ref_result['final']
+  ckpt_util.assert_bitwise_equal(ckpt_util.saved_params(workdir), ref_params)
+
+
+def _write_legacy_checkpoint(directory, step, state_tree, config_json, run):
+  """Saves the way d886839's `CheckpointHook.save` did, with orbax only."""
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=10, create=True, enable_async_checkpointing=True)
+  manager = ocp.CheckpointManager(directory, options=options, item_handlers={
+      'state': ocp.PyTreeCheckpointHandler(),
+      'config': ocp.JsonCheckpointHandler(),
+      'run': ocp.JsonCheckpointHandler()})
+  manager.save(step, force=True, args=ocp.args.Composite(
+      state=ocp.args.PyTreeSave(state_tree),
+      config=ocp.args.JsonSave(config_json),
+      run=ocp.args.JsonSave(run)))
+  manager.wait_until_finished()
+  manager.close()
+
+
+def test_checkpoint_of_the_code_before_layering_resumes_and_evaluates(
+    reference, tmp_path, capsys):
+  """A checkpoint in d886839's layout (its state tree, its config JSON, its
+  run record) resumes bitwise and evaluates."""
+  config, ref_workdir, ref_result, ref_params = reference
+  # The reference's state at step 10, read back as plain arrays ...
+  run = train.setup(config, ref_workdir)
+  abstract = checkpointing.abstract_like(
+      checkpointing.state_tree(_fresh_state(run)))
+  manager = checkpointing.create_manager(
+      checkpointing.checkpoint_dir(ref_workdir), read_only=True)
+  tree = checkpointing.restore_items(manager, 10, abstract).state
+  manager.close()
+  # ... written as d886839 wrote it: {'step', 'params', 'opt_state'} with
+  # opt_state = (masked add_decayed_weights, Adam with a schedule).
+  legacy_tx = optax.chain(
+      optax.add_decayed_weights(config.weight_decay,
+                                mask=optimizer.kernel_mask),
+      optax.adam(lambda s: 1e-3, b1=config.adam_b1, b2=config.adam_b2,
+                 eps=config.adam_eps))
+  assert (jax.tree.structure(legacy_tx.init(tree['params']))
+          == jax.tree.structure(tree['opt_state']))
+  with open(LEGACY_CONFIG) as f:
+    legacy_config = json.load(f)
+  legacy_config['data']['dir'] = config.data.dir
+  workdir = str(tmp_path)
+  _write_legacy_checkpoint(
+      checkpointing.checkpoint_dir(workdir), 10,
+      {'step': tree['step'], 'params': tree['params'],
+       'opt_state': tree['opt_state']}, legacy_config,
+      {'history': [], 'metrics': {}, 'time': time.time(),
+       'reason': 'periodic', 'devices': '1 x cpu'})
+  # Evaluates: the same numbers as the reference's own step 10.
+  quiet = config.copy_and_resolve_references()
+  quiet.write_report = False
+  at10 = quiet.copy_and_resolve_references()
+  at10.eval_step = 10
+  want = evaluate.evaluate_checkpoint(at10, ref_workdir)
+  got = evaluate.evaluate_checkpoint(quiet, workdir)
+  assert got['step'] == 10
+  for key in ('validation_loss', 'validation_accuracy', 'test_loss',
+              'test_accuracy'):
+    assert got[key] == want[key], key
+  # Resumes: the step continues from 10 and the run ends bitwise as the
+  # reference, which was never interrupted.
+  capsys.readouterr()
+  result = ckpt_util.run(config, workdir)
+  assert 'Resuming from step 10' in capsys.readouterr().out
+  assert result['step'] == 36
+  assert [r['step'] for r in result['epochs']] == [18, 36]
+  assert result['final'] == ref_result['final']
+  ckpt_util.assert_bitwise_equal(ckpt_util.saved_params(workdir), ref_params)

@@ -4,6 +4,7 @@ import pytest
 
 from configs import default
 from mnist_jax import config_lib
+from mnist_jax import steps
 from mnist_jax import train
 from mnist_jax.errors import ConfigError
 
@@ -38,6 +39,11 @@ def test_unknown_config_arg():
     ('data.source', 'csv', 'unknown data source'),
     ('lowering', 'magic', 'lowering'),
     ('dtype', 'float8', 'dtype'),
+    ('parallelism', 'tpu', "parallelism='tpu': use one of"),
+    ('distributed.initialize', 'maybe', "use one of \\('auto'"),
+    ('profile_steps', -1, 'profile_steps=-1'),
+    ('eval_step', -2, 'eval_step=-2'),
+    ('checkpoint_every_steps', -5, 'checkpoint_every_steps=-5'),
 ])
 def test_invalid_values_rejected(field, value, message):
   c = default.get_config()
@@ -51,11 +57,31 @@ def test_invalid_values_rejected(field, value, message):
 
 
 def test_batch_larger_than_training_split_rejected_before_training(
-    tiny_config, monkeypatch):
+    tiny_config, monkeypatch, tmp_path):
   tiny_config.batch_size = 1024  # the generated training split has 600
   called = []
-  monkeypatch.setattr(train, 'create_train_state',
+  monkeypatch.setattr(steps, 'create_train_state',
                       lambda *a, **k: called.append(1))
   with pytest.raises(ConfigError, match='larger than the training split'):
-    train.train_and_evaluate(tiny_config, '/tmp/unused_workdir_bad_batch')
+    train.train_and_evaluate(tiny_config, str(tmp_path))
   assert not called
+
+
+def test_get_reads_dotted_fields():
+  c = default.get_config()
+  assert config_lib.get(c, 'data.source') == c.data.source
+  assert config_lib.get(c, 'batch_size') == 512
+
+
+def test_global_batch_must_divide_over_the_devices(tiny_config):
+  tiny_config.batch_size = 30
+  config_lib.validate_against_devices(tiny_config, 1)  # 1 device: anything
+  config_lib.validate_against_devices(tiny_config, 2)
+  with pytest.raises(ConfigError, match=r'batch_size=30 .* 8 devices, .*'
+                     r'multiple of 8, e.g. 24 or 32'):
+    config_lib.validate_against_devices(tiny_config, 8)
+  tiny_config.batch_size = 32
+  tiny_config.eval_batch_size = 100
+  with pytest.raises(ConfigError, match=r'eval_batch_size=100 .* 8 devices '
+                     r'of 2 processes.* 96 or 104'):
+    config_lib.validate_against_devices(tiny_config, 8, 2)

@@ -10,7 +10,9 @@ import pytest
 from conftest import make_digits, write_idx_dataset
 from mnist_jax import input_pipeline
 from mnist_jax import models
-from mnist_jax import train
+from mnist_jax import parallel
+from mnist_jax import steps
+from mnist_jax import tf_setup
 from mnist_jax.errors import DataError
 
 
@@ -30,14 +32,22 @@ def test_idx_source_split_sizes_and_order(tmp_path, tiny_config, gz):
   assert data.train.labels.dtype == np.int32
 
 
-def test_tfds_source_on_mock_data(tiny_config):
+def test_tfds_source_on_mock_data(tiny_config, monkeypatch):
   tfds = pytest.importorskip('tensorflow_datasets')
   tiny_config.data.source = 'tfds'
   tiny_config.data.dir = ''
   tiny_config.data.num_validation = 20
   tiny_config.data.cache_dir = 'none'  # read through the mock, not a cache
+  calls = []
+  monkeypatch.setattr(tf_setup, 'hide_accelerators_from_tf',
+                      lambda: calls.append('hide'))
+  real_load = tfds.load
+  monkeypatch.setattr(tfds, 'load', lambda *a, **k: calls.append('load') or
+                      real_load(*a, **k))
   with tfds.testing.mock_data(num_examples=70):
     data = input_pipeline.load(tiny_config)
+  # TensorFlow is kept off the GPUs before TFDS first touches it.
+  assert calls[0] == 'hide' and calls.count('load') == 2, calls
   assert (len(data.train), len(data.validation), len(data.test)) == (50, 20, 70)
   assert data.train.images.shape == (50, 28, 28, 1)
   assert data.train.images.dtype == np.uint8
@@ -66,13 +76,12 @@ def test_epoch_permutations_deterministic_and_differ_across_epochs():
 def test_evaluation_counts_every_example_exactly_once(tiny_config):
   """230 test images with eval batches of 64: padding is masked out."""
   data = input_pipeline.load(tiny_config)
-  mesh = train.create_mesh()
+  mesh = parallel.create_mesh()
   model = models.create_model(tiny_config)
-  params = model.init(jax.random.key(0), data.test.images[:1] / 255.0,
-                      train=False)['params']
-  split = train.device_eval_split(data.test, 64, mesh)
+  params = models.init_params(model, jax.random.key(0))
+  split = steps.device_eval_split(data.test, 64, mesh)
   assert split['image'].shape[:2] == (4, 64)
-  metrics = jax.device_get(train.make_eval_fn(model, mesh)(params, split))
+  metrics = jax.device_get(steps.make_eval_fn(model, mesh)(params, split))
   assert int(metrics.accuracy.count) == 230
   assert int(metrics.loss.count) == 230
   logits = model.apply({'params': params}, data.test.images / 255.0,
@@ -155,3 +164,14 @@ def test_tfds_decoded_cache_is_keyed_by_the_source_files(tmp_path, tiny_config,
     record.write_bytes(b'changed data')  # a changed dataset is read again
     input_pipeline.load(tiny_config)
     assert len(calls) == n_calls + 2
+
+
+def test_hiding_gpus_from_tensorflow_happens_once(monkeypatch):
+  tf = pytest.importorskip('tensorflow')
+  calls = []
+  monkeypatch.setattr(tf.config, 'set_visible_devices',
+                      lambda devices, kind: calls.append((devices, kind)))
+  monkeypatch.setattr(tf_setup, '_hidden', False)
+  tf_setup.hide_accelerators_from_tf()
+  tf_setup.hide_accelerators_from_tf()
+  assert calls == [([], 'GPU')]

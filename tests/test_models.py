@@ -18,8 +18,7 @@ EXPECTED_SHAPES = {
 
 def _init(model=None, seed=0):
   model = model or models.CNN()
-  x = jnp.zeros((1, 28, 28, 1))
-  return model, model.init(jax.random.key(seed), x, train=False)
+  return model, {'params': models.init_params(model, jax.random.key(seed))}
 
 
 def test_exact_parameter_count_and_shapes():
@@ -45,10 +44,16 @@ def test_end_points_names_and_shapes():
   np.testing.assert_allclose(points['fc4'][:, 0, 0], logits, rtol=1e-6)
 
 
-def test_end_points_not_stored_when_not_requested():
-  model, variables = _init()
-  out = model.apply(variables, jnp.zeros((2, 28, 28, 1)), train=False)
-  assert isinstance(out, jax.Array) and out.shape == (2, 10)
+def test_abstract_params_match_init_params_with_the_given_sharding():
+  model = models.CNN(num_classes=7)
+  params = models.init_params(model, jax.random.key(0))
+  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = models.abstract_params(model, sharding)
+  assert jax.tree.structure(abstract) == jax.tree.structure(params)
+  for a, p in zip(jax.tree.leaves(abstract), jax.tree.leaves(params)):
+    assert (a.shape, a.dtype, a.sharding) == (p.shape, p.dtype, sharding)
+  assert all(a.sharding is None
+             for a in jax.tree.leaves(models.abstract_params(model)))
 
 
 def test_initialisation_variance_scaling_fan_avg_and_zero_bias():

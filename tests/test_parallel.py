@@ -1,4 +1,4 @@
-"""Scaling out, tested on this CPU (issue 6).
+"""Scaling out, tested on this CPU.
 
 One device is the reference. Fresh processes (tests/parallel_worker.py) run
 the same short training on 8 forced host devices (jit mesh and pmap paths)
@@ -19,9 +19,11 @@ import jax
 import numpy as np
 import pytest
 
-from mnist_jax import checkpoint_tools
+from configs import tpu
+from mnist_jax import config_lib
+from mnist_jax import evaluate
+from mnist_jax import models
 from mnist_jax import parallel
-from mnist_jax import train
 from mnist_jax.errors import ConfigError
 
 import conftest
@@ -132,7 +134,7 @@ def test_jit_mesh_on_8_devices_equals_1_device_with_dropout(
 
 def test_pmap_on_8_devices_equals_1_device(one_device, eight_devices):
   # Without dropout: pmap's per-device masks are independent draws, not
-  # slices of the global mask (see parallel.make_pmap_train_fn).
+  # slices of the global mask (see steps.make_train_fn).
   _assert_same_run(eight_devices['pmap'], one_device['nodrop'])
   # And it is not the dropout run: the comparison above can tell them apart.
   assert not np.allclose(eight_devices['pmap']['losses'],
@@ -155,14 +157,12 @@ def test_bfloat16_trains_with_float32_params_and_optimizer_state(
 def test_bfloat16_activations_and_float32_params():
   config = conftest.default.get_config()
   config.dtype = 'bfloat16'
-  from mnist_jax import models  # pylint: disable=g-import-not-at-top
   model = models.create_model(config)
   images = jax.ShapeDtypeStruct((2, 28, 28, 1), np.float32)
-  variables = jax.eval_shape(
-      lambda x: model.init(jax.random.key(0), x, train=False), images)
-  assert {str(x.dtype) for x in jax.tree.leaves(variables)} == {'float32'}
+  params = models.abstract_params(model)
+  assert {str(x.dtype) for x in jax.tree.leaves(params)} == {'float32'}
   logits, points = jax.eval_shape(
-      lambda v, x: models.end_points(model, v, x), variables, images)
+      lambda p, x: models.end_points(model, {'params': p}, x), params, images)
   assert {str(v.dtype) for v in points.values()} == {'bfloat16'}
   assert str(logits.dtype) == 'float32'
 
@@ -238,12 +238,12 @@ def test_each_process_gathers_only_its_share_of_the_global_batch(
 def test_checkpoint_of_two_processes_evaluates_in_one(two_processes, idx_dir):
   _, second, workdir = two_processes
   config = conftest.tiny_config_for(idx_dir)
-  result = checkpoint_tools.evaluate_checkpoint(config, workdir)
+  result = evaluate.evaluate_checkpoint(config, workdir)
   assert result['step'] == STEPS
+  assert result['devices'] == f'{jax.device_count()} x cpu'
   want = second[0][0]['run']['final']
   for key in ('validation_loss', 'test_loss', 'test_accuracy'):
     np.testing.assert_allclose(result[key], want[key], rtol=1e-5)
-  assert jax.process_count() == 1
 
 
 # ------------------------------------------------------------ config, errors
@@ -272,7 +272,6 @@ def test_distributed_args_from_config_and_environment(tiny_config,
 
 
 @pytest.mark.parametrize('field,value,env,match', [
-    ('initialize', 'maybe', {}, "use 'auto'"),
     ('process_id', 5, {'JAX_COORDINATOR_ADDRESS': 'h:1',
                        'JAX_NUM_PROCESSES': '2'}, 'must be in 0..1'),
     ('initialize', 'auto', {'JAX_COORDINATOR_ADDRESS': 'h:1'},
@@ -290,22 +289,6 @@ def test_bad_distributed_settings_are_one_line_errors(
   tiny_config.distributed[field] = value
   with pytest.raises(ConfigError, match=match):
     parallel.distributed_args(tiny_config)
-
-
-def test_indivisible_global_batch_names_working_values(tiny_config):
-  mesh = jax.sharding.Mesh(np.asarray(jax.devices() * 1), ('data',))
-  tiny_config.batch_size = 30
-  train._check_divisible(tiny_config, mesh)  # 1 device: anything divides
-  fake = type('FakeMesh', (), {'devices': np.zeros(8)})()
-  with pytest.raises(ConfigError, match=r'batch_size=30 .* 8 devices.* '
-                     r'multiple of 8, e.g. 24 or 32'):
-    train._check_divisible(tiny_config, fake)
-
-
-def test_unknown_parallelism_is_rejected(tiny_config, tmp_path):
-  tiny_config.parallelism = 'tpu'
-  with pytest.raises(ConfigError, match='parallelism'):
-    train.setup(tiny_config, str(tmp_path))
 
 
 def test_process_local_data_takes_only_the_local_rows():
@@ -328,8 +311,6 @@ def test_process_local_data_takes_only_the_local_rows():
 # ----------------------------------------------------------- configs/tpu.py
 
 def test_tpu_config():
-  from configs import tpu  # pylint: disable=g-import-not-at-top
-  from mnist_jax import config_lib  # pylint: disable=g-import-not-at-top
   config = tpu.get_config()
   config_lib.validate(config)
   for devices in (4, 8):  # v4-8 (megacore) and v5e-8

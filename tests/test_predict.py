@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from configs import default
 from mnist_jax import models
 from mnist_jax import predict
-from mnist_jax import train
+from mnist_jax import steps
 from mnist_jax.errors import UserError
 
 
@@ -86,11 +87,8 @@ def test_files_of_any_colour_mode_load(tmp_path, fmt, mode):
 
 @pytest.fixture(scope='module')
 def model_params():
-  from configs import default  # pylint: disable=g-import-not-at-top
-  config = default.get_config()
-  model = models.create_model(config)
-  params = train.create_train_state(config, model, lambda s: 1e-3).params
-  return model, jax.device_get(params)
+  model = models.create_model(default.get_config())
+  return model, jax.device_get(models.init_params(model, jax.random.key(0)))
 
 
 def test_predict_top3_and_unreadable_files(tmp_path, model_params):
@@ -108,7 +106,7 @@ def test_predict_top3_and_unreadable_files(tmp_path, model_params):
   assert 'cannot read image' in results[2].error
   r = results[1]
   assert r.error is None
-  logits = predict.logits_of(model, params, predict.load_digit(str(good))[None])
+  logits = steps.logits_of(model, params, predict.load_digit(str(good))[None])
   probs = np.asarray(jax.nn.softmax(logits[0]))
   assert r.digit == int(probs.argmax())
   assert [d for d, _ in r.top3] == list(np.argsort(-probs)[:3])
@@ -123,7 +121,6 @@ def test_run_prints_errors_naming_the_file(tmp_path, monkeypatch,
   model, params = model_params
   del model
   monkeypatch.setattr(predict, 'restore_params', lambda c, w: (7, params))
-  from configs import default  # pylint: disable=g-import-not-at-top
   good = tmp_path / 'a.jpg'
   Image.fromarray(digit_one()).convert('RGB').save(good)
   out, err = io.StringIO(), io.StringIO()
@@ -138,6 +135,5 @@ def test_run_prints_errors_naming_the_file(tmp_path, monkeypatch,
 
 
 def test_no_checkpoint_is_a_clear_error(tmp_path):
-  from configs import default  # pylint: disable=g-import-not-at-top
   with pytest.raises(UserError, match='no checkpoints'):
     predict.restore_params(default.get_config(), str(tmp_path))

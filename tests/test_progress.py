@@ -1,5 +1,5 @@
 """Progress bar (terminal), plain lines (not a terminal), ReportProgress and
-the profiler hook's step window; driven with fake contexts, no training."""
+the profiler hook's step window; driven with fake runs, no training."""
 
 import io
 import logging
@@ -9,8 +9,8 @@ import types
 import jax
 import numpy as np
 
-from mnist_jax import progress
-from test_summaries import stacked_train_metrics
+from conftest import stacked_train_metrics
+from mnist_jax.hooks import progress
 
 
 class FakeTTY(io.StringIO):
@@ -20,31 +20,31 @@ class FakeTTY(io.StringIO):
     return True
 
 
-def fake_ctx(steps_per_epoch=10, total_steps=20, batch_size=32, every=5):
+def fake_run(steps_per_epoch=10, total_steps=20, batch_size=32, every=5):
   config = types.SimpleNamespace(batch_size=batch_size, log_every_steps=every)
   return types.SimpleNamespace(config=config, steps_per_epoch=steps_per_epoch,
                                total_steps=total_steps)
 
 
-def drive(hook, ctx, dispatch=1):
-  """Feeds the hook the loop's calls for a run of `ctx.total_steps` steps."""
-  hook.on_train_start(ctx, types.SimpleNamespace(step=0))
+def drive(hook, run, dispatch=1):
+  """Feeds the hook the loop's calls for a run of `run.total_steps` steps."""
+  hook.on_train_start(run, types.SimpleNamespace(step=0))
   step = 0
-  while step < ctx.total_steps:
-    epoch_end = (step // ctx.steps_per_epoch + 1) * ctx.steps_per_epoch
-    n = min(dispatch, epoch_end - step, ctx.total_steps - step)
+  while step < run.total_steps:
+    epoch_end = (step // run.steps_per_epoch + 1) * run.steps_per_epoch
+    n = min(dispatch, epoch_end - step, run.total_steps - step)
     losses = np.linspace(2.0, 1.0, n) / (1 + step)
-    hook.on_steps(ctx, step + n, None)
-    hook.on_metrics(ctx, step, stacked_train_metrics(losses, [1e-3] * n))
+    hook.on_steps(run, step + n, None)
+    hook.on_metrics(run, step, stacked_train_metrics(losses, [1e-3] * n))
     step += n
-  hook.on_train_end(ctx, step, None, {})
+  hook.on_train_end(run, step, None, {})
 
 
 def test_tty_shows_a_live_bar_per_epoch():
   stream = FakeTTY()
   hook = progress.ProgressHook(stream=stream)
   assert hook.is_tty
-  drive(hook, fake_ctx(), dispatch=2)
+  drive(hook, fake_run(), dispatch=2)
   text = stream.getvalue()
   assert '\r' in text  # Redrawn in place.
   for epoch in ('Epoch 1/2', 'Epoch 2/2'):
@@ -63,7 +63,7 @@ def test_not_a_tty_prints_plain_periodic_lines():
   stream = io.StringIO()
   hook = progress.ProgressHook(stream=stream)
   assert not hook.is_tty
-  drive(hook, fake_ctx(), dispatch=1)
+  drive(hook, fake_run(), dispatch=1)
   text = stream.getvalue()
   assert '\r' not in text
   lines = text.splitlines()
@@ -77,7 +77,7 @@ def test_not_a_tty_prints_plain_periodic_lines():
 def test_report_progress_logs_steps_per_sec_and_eta(caplog):
   hook = progress.ProgressHook(stream=io.StringIO(), report_every_secs=None)
   with caplog.at_level(logging.INFO):
-    drive(hook, fake_ctx(), dispatch=3)
+    drive(hook, fake_run(), dispatch=3)
   notes = [r.getMessage() for r in caplog.records
            if 'steps/s' in r.getMessage()]
   assert notes and '100.0% (20/20)' in notes[-1] and 'ETA' in notes[-1]
@@ -89,21 +89,21 @@ def test_profile_hook_traces_the_requested_steps(monkeypatch, tmp_path):
                       lambda d: calls.append(('start', d)))
   monkeypatch.setattr(jax.profiler, 'stop_trace',
                       lambda: calls.append(('stop',)))
-  ctx = fake_ctx(total_steps=40)
-  ctx.workdir = str(tmp_path)
+  run = fake_run(total_steps=40)
+  run.workdir = str(tmp_path)
   hook = progress.ProfileHook(num_steps=3, first_step=5)
-  hook.on_train_start(ctx, types.SimpleNamespace(step=0))
+  hook.on_train_start(run, types.SimpleNamespace(step=0))
   seen = []
   for step in range(1, 41):
     before = len(calls)
-    hook.on_steps(ctx, step, jax.numpy.zeros(()))
+    hook.on_steps(run, step, jax.numpy.zeros(()))
     seen += [(step,) + c for c in calls[before:]]
-  hook.on_train_end(ctx, 40, None, {})
+  hook.on_train_end(run, 40, None, {})
   assert seen == [(5, 'start', str(tmp_path)), (8, 'stop')]
 
 
 def test_only_process_zero_prints(monkeypatch):
   monkeypatch.setattr(jax, 'process_index', lambda: 1)
   for stream in (FakeTTY(), io.StringIO()):
-    drive(progress.ProgressHook(stream=stream), fake_ctx())
+    drive(progress.ProgressHook(stream=stream), fake_run())
     assert stream.getvalue() == ''

@@ -1,6 +1,7 @@
-"""Issue 5 end to end: one tiny training run with the default hooks, then its
-event files, printed overview, progress lines, profile and report are read
-back. Plus unit tests of the training-scalar windows and process-0 writing.
+"""One tiny training run with the default hooks, then its event files,
+printed overview, progress lines, profile and report are read back. Plus unit
+tests of the default hook list, the training-scalar windows, the layer
+statistics and process-0 writing.
 """
 
 import contextlib
@@ -14,57 +15,53 @@ import sys
 import types
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-import tensorflow as tf
 
 from conftest import ROOT
+from conftest import read_events
+from conftest import stacked_train_metrics
 from conftest import tiny_config_for
-from mnist_jax import metrics as metrics_lib
+from mnist_jax import input_pipeline
 from mnist_jax import models
-from mnist_jax import progress
 from mnist_jax import report
-from mnist_jax import summaries
 from mnist_jax import train
+from mnist_jax.hooks import checkpoint
+from mnist_jax.hooks import progress
+from mnist_jax.hooks import report as report_hook
+from mnist_jax.hooks import summaries
 
 # tiny_config: 600 training images / batch 32 = 18 steps per epoch, 2 epochs.
 SPE, TOTAL = 18, 36
 
 
-def read_events(logdir):
-  """{tag: {step: (plugin, value or proto)}} of every summary in `logdir`."""
-  out = {}
-  for path in sorted(glob.glob(os.path.join(logdir, 'events.out.tfevents.*'))):
-    for event in tf.compat.v1.train.summary_iterator(path):
-      for v in event.summary.value:
-        plugin = v.metadata.plugin_data.plugin_name
-        value = tf.make_ndarray(v.tensor) if v.HasField('tensor') else None
-        out.setdefault(v.tag, {})[event.step] = (plugin, value)
-  return out
-
-
 @pytest.fixture(scope='module')
 def run(idx_dir, tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp('issue5_run'))
+  workdir = str(tmp_path_factory.mktemp('default_hooks_run'))
   config = tiny_config_for(idx_dir)
   config.profile_steps = 2
   config.checkpoint_every_steps = 100  # Fewer saves: faster (the end saves).
   stdout, stderr = io.StringIO(), io.StringIO()  # Not terminals.
   with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-    hooks = train.default_hooks(config)  # The default, wired-in hooks.
-    result = train.train_and_evaluate(config, workdir, hooks=hooks)
+    result = train.train_and_evaluate(config, workdir)  # default hooks
   return types.SimpleNamespace(
-      workdir=workdir, config=config, result=result, hooks=hooks,
+      workdir=workdir, config=config, result=result,
       stdout=stdout.getvalue(), stderr=stderr.getvalue(),
       train=read_events(os.path.join(workdir, 'train')),
       eval=read_events(os.path.join(workdir, 'eval')))
 
 
-def test_default_hooks_include_issue5_hooks(run):
-  kinds = {type(h) for h in run.hooks}
-  assert {summaries.SummaryHook, progress.ProgressHook, progress.ProfileHook,
-          report.ReportHook} <= kinds
+def test_default_hooks_follow_the_config(tiny_config):
+  kinds = lambda: [type(h) for h in train.default_hooks(tiny_config)]  # pylint: disable=g-long-lambda
+  tiny_config.profile_steps = 0
+  tiny_config.write_report = False
+  assert kinds() == [checkpoint.CheckpointHook, summaries.SummaryHook,
+                     progress.ProgressHook]
+  tiny_config.profile_steps = 2
+  tiny_config.write_report = True
+  assert kinds() == [checkpoint.CheckpointHook, summaries.SummaryHook,
+                     progress.ProgressHook, progress.ProfileHook,
+                     report_hook.ReportHook]
 
 
 def test_training_scalars_every_log_every_steps(run):
@@ -93,9 +90,11 @@ def test_eval_scalars_test_as_train_tags_validation_prefixed(run):
 def test_sparsity_per_end_point_train_and_test(run):
   for events in (run.train, run.eval):
     for name in models.END_POINTS:
-      steps = events[f'sparsity/{name}']
-      assert sorted(steps) == [SPE, TOTAL]
-      assert all(0 <= v <= 1 for _, v in steps.values())
+      assert sorted(events[f'sparsity/{name}']) == [SPE, TOTAL]
+    for step in (SPE, TOTAL):
+      # ReLU layers have zeros; fc4 (the logits) is linear and has none.
+      assert events['sparsity/conv1'][step][1] > 0.05
+      assert events['sparsity/fc4'][step][1] == 0
   for step in (SPE, TOTAL):
     # Train batch runs with dropout: dropout3 has more zeros than fc3 ...
     assert (run.train['sparsity/dropout3'][step][1]
@@ -166,27 +165,16 @@ class RecordingWriter:
     self.scalars.append((step, scalars))
 
 
-def stacked_train_metrics(losses, lrs):
-  """Host TrainMetrics stacked over steps, as the loop hands `on_metrics`."""
-  steps = []
-  for loss, lr in zip(losses, lrs):
-    logits = jnp.array([[1.0, 0.0], [0.0, 1.0]])
-    steps.append(metrics_lib.TrainMetrics.single_from_model_output(
-        loss=jnp.float32(loss), logits=logits, labels=jnp.array([0, 0]),
-        learning_rate=jnp.float32(lr)))
-  return jax.tree.map(lambda *x: np.stack([np.asarray(v) for v in x]), *steps)
-
-
 def test_training_scalars_average_the_window_across_dispatches():
   hook = summaries.SummaryHook()
   hook.train_writer = RecordingWriter()
-  ctx = types.SimpleNamespace(config=types.SimpleNamespace(log_every_steps=4),
+  run = types.SimpleNamespace(config=types.SimpleNamespace(log_every_steps=4),
                               total_steps=10)
   losses = np.arange(1.0, 11.0)  # Step s has loss s.
   lrs = losses / 100
   # Dispatches of 3 steps: windows straddle them.
   for first in (0, 3, 6, 9):
-    hook.on_metrics(ctx, first, stacked_train_metrics(
+    hook.on_metrics(run, first, stacked_train_metrics(
         losses[first:first + 3], lrs[first:first + 3]))
   steps = [s for s, _ in hook.train_writer.scalars]
   assert steps == [4, 8, 10]
@@ -201,19 +189,38 @@ def test_training_scalars_average_the_window_across_dispatches():
 def test_only_process_zero_writes_event_files(tmp_path, monkeypatch,
                                               tiny_config):
   monkeypatch.setattr(jax, 'process_index', lambda: 1)
-  ctx = types.SimpleNamespace(workdir=str(tmp_path), config=tiny_config,
+  run = types.SimpleNamespace(workdir=str(tmp_path), config=tiny_config,
                               model=models.create_model(tiny_config))
   hook = summaries.SummaryHook(print_overview=False)
-  hook.on_train_start(ctx, types.SimpleNamespace(params={}))
+  hook.on_train_start(run, types.SimpleNamespace(params={}))
   hook.train_writer.write_scalars(1, {'loss': 1.0})
-  hook.on_train_end(ctx, 1, None, None)
+  hook.on_train_end(run, 1, None, None)
   assert not glob.glob(str(tmp_path / '**' / 'events.out.tfevents.*'),
                        recursive=True)
   monkeypatch.setattr(jax, 'process_index', lambda: 0)
-  hook.on_train_start(ctx, types.SimpleNamespace(params={}))
+  hook.on_train_start(run, types.SimpleNamespace(params={}))
   hook.train_writer.write_scalars(1, {'loss': 1.0})
-  hook.on_train_end(ctx, 1, None, None)  # Flushes and closes.
+  hook.on_train_end(run, 1, None, None)  # Flushes and closes.
   assert read_events(str(tmp_path / 'train'))['loss'][1][1] == 1.0
+
+
+def test_layer_stats_count_zeros_of_each_end_point(tiny_config):
+  """Sparsity is the fraction of exact zeros; the test batch runs without
+  dropout, so its statistics equal a plain forward pass."""
+  model = models.create_model(tiny_config)
+  params = models.init_params(model, jax.random.key(0))
+  test = input_pipeline.load(tiny_config).test.images[:16]
+  stats = summaries.make_layer_stats_fn(model, max_histogram_values=100)(
+      params, test, test, jax.random.key(1))
+  _, points = models.end_points(model, {'params': params},
+                                input_pipeline.normalize(test), train=False)
+  for name in models.END_POINTS:
+    want = float(np.mean(np.asarray(points[name]) == 0))
+    assert float(stats['test_sparsity'][name]) == pytest.approx(want), name
+    assert stats['histograms'][name].shape == (
+        min(100, points[name].size),), name
+  assert float(stats['train_sparsity']['dropout3']) > float(
+      stats['test_sparsity']['dropout3'])
 
 
 def test_launch_predict_restores_the_run_and_names_bad_files(run, tmp_path):

@@ -1,23 +1,24 @@
 """Training math and the pure, compile-once steps."""
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import pytest
 
 from configs import default
+from conftest import make_digits
 from mnist_jax import input_pipeline
 from mnist_jax import models
+from mnist_jax import optimizer
+from mnist_jax import parallel
+from mnist_jax import steps
 from mnist_jax import train
 
 
 def test_learning_rate_schedule_staircase():
   config = default.get_config()
-  lr = train.create_learning_rate_fn(config, num_train=55_000)
-  assert int(55_000 / 512 * 1.0) == 107
+  assert optimizer.steps_per_epoch(config, 55_000) == 107  # 512 per batch
+  lr = optimizer.learning_rate_schedule(config, num_train=55_000)
   for step, expected in ((0, 1e-3), (106, 1e-3), (107, 9.5e-4),
                          (213, 9.5e-4), (214, 9.025e-4)):
     np.testing.assert_allclose(float(lr(step)), expected, rtol=1e-6)
@@ -25,17 +26,17 @@ def test_learning_rate_schedule_staircase():
 
 def _state(config, seed=0):
   model = models.create_model(config)
-  lr = train.create_learning_rate_fn(config, num_train=600)
-  return model, lr, train.create_train_state(config, model, lr,
-                                             jax.random.key(seed))
+  return model, steps.create_train_state(config, model, 600,
+                                         jax.random.key(seed))
 
 
 def test_l2_touches_kernels_only_and_equals_tutorial_term():
   config = default.get_config()
-  _, _, state = _state(config)
+  _, state = _state(config)
   params = state.params
   zeros = jax.tree.map(jnp.zeros_like, params)
-  l2 = optax.add_decayed_weights(config.weight_decay, mask=train.kernel_mask)
+  l2 = optax.add_decayed_weights(config.weight_decay,
+                                 mask=optimizer.kernel_mask)
   got, _ = l2.update(zeros, l2.init(params), params)
 
   def tutorial_term(p):  # 0.0005 * sum(w**2) / 2 over conv kernels
@@ -50,7 +51,7 @@ def test_l2_touches_kernels_only_and_equals_tutorial_term():
     assert np.any(np.asarray(got[name]['kernel']))
   # The full chain is Adam applied to (gradient + L2 gradient), not AdamW.
   grads = jax.tree.map(lambda p: jnp.full_like(p, 0.01), params)
-  tx = train.create_optimizer(config, 1e-3)
+  tx = optimizer.create_optimizer(config, 1e-3)
   updates, _ = tx.update(grads, tx.init(params), params)
   adam = optax.adam(1e-3)
   combined = jax.tree.map(jnp.add, grads, expected)
@@ -60,15 +61,15 @@ def test_l2_touches_kernels_only_and_equals_tutorial_term():
 
 
 def _batch(n=16, seed=0):
-  images, labels = __import__('conftest').make_digits(n, seed)
+  images, labels = make_digits(n, seed)
   return {'image': jnp.asarray(images[..., None] / 255.0, jnp.float32),
           'label': jnp.asarray(labels, jnp.int32)}
 
 
 def test_train_step_is_pure_and_compiles_once():
   config = default.get_config()
-  _, lr, state = _state(config)
-  step = jax.jit(functools.partial(train.train_step, learning_rate_fn=lr))
+  _, state = _state(config)
+  step = jax.jit(steps.train_step)
   rng = jax.random.key(0)
   batch = _batch()
   s1, m1 = step(state, batch, rng)
@@ -90,9 +91,8 @@ def test_train_step_is_pure_and_compiles_once():
 
 def test_loss_falls_on_a_fixed_batch():
   config = default.get_config()
-  _, lr, state = _state(config)
-  step = jax.jit(functools.partial(train.train_step, learning_rate_fn=lr),
-                 donate_argnums=0)
+  _, state = _state(config)
+  step = jax.jit(steps.train_step, donate_argnums=0)
   batch = _batch(32)
   losses = []
   for _ in range(15):
@@ -108,16 +108,16 @@ def test_resident_train_fn_compiles_once_and_k_steps_equal_single_steps(
     tiny_config):
   """steps_per_dispatch=k gives exactly the k=1 result, per-step metrics too."""
   tiny_config.batch_size = 8
-  mesh = train.create_mesh()
+  mesh = parallel.create_mesh()
   data = input_pipeline.load(tiny_config)
   n = len(data.train)
-  model, lr, state0 = _state(tiny_config)
-  train_data = train.put_replicated(
+  _, state0 = _state(tiny_config)
+  train_data = parallel.put_replicated(
       {'image': data.train.images, 'label': data.train.labels}, mesh)
   perm = input_pipeline.epoch_permutation(jax.random.key(1), 0, n)
-  fn = train.make_train_fn(tiny_config, lr, n, mesh)
+  fn = steps.make_train_fn(tiny_config, n, mesh)
   rng = jax.random.key(2)
-  copy = lambda s: train.put_replicated(jax.tree.map(np.array, s), mesh)
+  copy = lambda s: parallel.put_replicated(jax.tree.map(np.array, s), mesh)
   s1, per_step = copy(state0), []
   for _ in range(4):
     s1, m = fn(s1, train_data, perm, rng, num_steps=1)
@@ -133,20 +133,52 @@ def test_resident_train_fn_compiles_once_and_k_steps_equal_single_steps(
 
 def test_resident_steps_make_no_host_to_device_copies(tiny_config):
   """Data stays put: after set-up, a dispatch copies nothing host -> device."""
-  mesh = train.create_mesh()
+  mesh = parallel.create_mesh()
   data = input_pipeline.load(tiny_config)
   n = len(data.train)
-  _, lr, state = _state(tiny_config)
-  state = train.put_replicated(state, mesh)
-  train_data = train.put_replicated(
+  _, state = _state(tiny_config)
+  state = parallel.put_replicated(state, mesh)
+  train_data = parallel.put_replicated(
       {'image': data.train.images, 'label': data.train.labels}, mesh)
   perm = jax.jit(input_pipeline.epoch_permutation, static_argnums=2)(
       jax.random.key(1), 0, n)
   rng = jax.device_put(jax.random.key(2))
-  fn = train.make_train_fn(tiny_config, lr, n, mesh)
+  fn = steps.make_train_fn(tiny_config, n, mesh)
   state, _ = fn(state, train_data, perm, rng, num_steps=3)  # compile
   with jax.transfer_guard_host_to_device('disallow'):
     for _ in range(2):
       state, metrics = fn(state, train_data, perm, rng, num_steps=3)
   jax.block_until_ready(metrics)
   assert int(state.step) == 9
+
+
+def test_dispatches_end_at_epoch_ends_and_checkpoint_steps(tiny_config):
+  """An 18-step epoch in dispatches of at most 4 steps; saves at exact steps."""
+  def lengths(every):
+    tiny_config.checkpoint_every_steps = every
+    out, step = [], 0
+    while step < 18:
+      out.append(train._chunk_length(tiny_config, step, 18))  # pylint: disable=protected-access
+      step += out[-1]
+    return out
+
+  tiny_config.steps_per_dispatch = 4
+  assert lengths(0) == [4, 4, 4, 4, 2]  # checkpoints at epoch ends only
+  assert lengths(10) == [4, 4, 2, 4, 4]  # 10 is a dispatch boundary
+
+
+def test_epoch_line_shows_every_metric_of_the_record():
+  record = {'epoch': 1, 'step': 30, 'train_loss': 1.08843,
+            'train_accuracy': 0.65994, 'train_learning_rate': 0.001,
+            'train_seconds': 6.4, 'images_per_second': 149.2,
+            'validation_loss': 0.368912, 'validation_accuracy': 0.8808,
+            'test_loss': 0.361449, 'test_accuracy': 0.8873}
+  assert train.epoch_line(record) == (
+      'Epoch   1 step     30: train loss 1.088 acc 65.99% lr 0.001 | '
+      'validation loss 0.3689 acc 88.08% | test loss 0.3614 acc 88.73% | '
+      '149 img/s')
+  not_evaluated = {k: v for k, v in record.items()
+                   if not k.startswith(('validation_', 'test_'))}
+  assert train.epoch_line(not_evaluated) == (
+      'Epoch   1 step     30: train loss 1.088 acc 65.99% lr 0.001 | '
+      '149 img/s')

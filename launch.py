@@ -22,6 +22,10 @@ from absl import logging
 from ml_collections import config_flags
 
 import mnist_jax  # noqa: F401  (sets XLA flags before JAX starts its backend)
+from mnist_jax import cli
+from mnist_jax import config_lib
+from mnist_jax import console
+from mnist_jax import workdir as workdir_lib
 from mnist_jax.errors import UserError
 
 FLAGS = flags.FLAGS
@@ -56,6 +60,7 @@ def default_workdir(config_path: str) -> str:
 def main(argv):
   if len(argv) > 1 and FLAGS.mode != 'predict':
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  console.setup()  # Log chatter off the console (before TF and JAX start).
   import jax  # pylint: disable=g-import-not-at-top
   from mnist_jax import tf_setup, train  # pylint: disable=g-import-not-at-top
   if FLAGS.mode == 'train' and not FLAGS.sweep:
@@ -77,6 +82,10 @@ def main(argv):
     if FLAGS.sweep and FLAGS.mode != 'train':
       raise UserError(f'--sweep trains its points; it does not combine with '
                       f'--mode {FLAGS.mode} (run that on a point\'s workdir).')
+    if FLAGS.mode == 'train':  # One run per workdir (held until exit).
+      config_lib.validate(FLAGS.config)  # Bad values: before any file is made.
+      workdir_lib.claim(workdir, enabled=jax.process_index() == 0)
+      console.log_to_file(workdir, jax.process_index())
     if FLAGS.sweep:
       from mnist_jax import sweep_run  # pylint: disable=g-import-not-at-top
       sys.exit(sweep_run.run_from_file(flags.FLAGS['config'].config_filename,
@@ -104,4 +113,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -8,6 +8,9 @@ DATA_SOURCES = ('tfds', 'idx')
 LOWERINGS = ('fast', 'reference')
 DTYPES = ('float32', 'bfloat16')
 PARALLELISMS = ('jit', 'pmap')
+# config.data.download: 'auto' (download when missing), True (the same), False.
+# From the command line they come as strings ('--config.data.download=false').
+DOWNLOAD_SETTINGS = {'auto': 'auto', 'true': True, 'false': False}
 
 
 def validate(config) -> None:
@@ -49,6 +52,11 @@ def validate(config) -> None:
   check(config.get('parallelism', 'jit') in PARALLELISMS, 'parallelism',
         f'use one of {PARALLELISMS}.')
   check(config.data.num_validation > 0, 'data.num_validation', 'must be > 0.')
+  try:
+    download_setting(config.data.get('download', 'auto'))
+  except ValueError:
+    check(False, 'data.download', "use 'auto' (download MNIST when missing), "
+          'true (the same) or false (never download).')
   profile_steps = config.get('profile_steps', 0)
   check(isinstance(profile_steps, int) and profile_steps >= 0, 'profile_steps',
         'must be an integer >= 0 (0 = no profiler trace).')
@@ -60,6 +68,15 @@ def validate_against_data(config, num_train: int) -> None:
     raise ConfigError(
         f'config.batch_size={config.batch_size} is larger than the training '
         f'split ({num_train} images); use at most {num_train}.')
+
+
+def download_setting(value: bool | str) -> bool | str:
+  """`config.data.download` as 'auto', True or False (ValueError if none)."""
+  if isinstance(value, bool):
+    return value
+  if isinstance(value, str) and value.strip().lower() in DOWNLOAD_SETTINGS:
+    return DOWNLOAD_SETTINGS[value.strip().lower()]
+  raise ValueError(f'Not a data.download setting: {value!r}')
 
 
 def config_get(config, dotted: str):

@@ -6,8 +6,9 @@ batch on the device from the epoch's permutation, so there is no per-step
 host-to-device copy and no input pipeline to keep fed.
 
 Two sources, chosen by `config.data.source`:
-  * 'tfds': `tfds.load('mnist')`, from `config.data.dir`, else `TFDS_DATA_DIR`,
-    else TFDS's default (~/tensorflow_datasets).
+  * 'tfds': TFDS 'mnist', from `config.data.dir`, else `TFDS_DATA_DIR`,
+    else TFDS's default (~/tensorflow_datasets); with `config.data.download`
+    'auto' (the default) TFDS downloads and prepares it there when missing.
   * 'idx': the tutorial's `MNIST_data/` folder with the four classic IDX files
     (`train-images-idx3-ubyte[.gz]` etc.), gzipped or not.
 
@@ -27,6 +28,7 @@ import dataclasses
 import gzip
 import os
 import struct
+import time
 import zipfile
 import zlib
 
@@ -34,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mnist_jax import config_lib
 from mnist_jax.errors import DataError
 
 NUM_CLASSES = 10
@@ -91,7 +94,7 @@ def load(config) -> Mnist:
     data_dir = config.data.dir or os.environ.get('TFDS_DATA_DIR') or ''
     train, test = _cached(
         _tfds_files(data_dir), config.data.get('cache_dir', ''),
-        lambda: _load_tfds(data_dir, config.data.get('download', False)))
+        lambda: _load_tfds(data_dir, config.data.get('download', 'auto')))
   elif source == 'idx':
     train, test = _load_idx(config.data.dir)
   else:
@@ -107,40 +110,75 @@ def load(config) -> Mnist:
       test=test)
 
 
-def _load_tfds(data_dir: str, download: bool) -> tuple[Split, Split]:
-  """Reads the whole 'train' and 'test' splits of TFDS mnist in file order."""
+def _load_tfds(data_dir: str, download: bool | str) -> tuple[Split, Split]:
+  """Reads the whole 'train' and 'test' splits of TFDS mnist in file order.
+
+  When they are not prepared in `data_dir` and `download` is 'auto' (or
+  True), TFDS downloads and prepares them there first, once.
+  """
   from mnist_jax import tf_setup  # pylint: disable=g-import-not-at-top
   tf_setup.hide_accelerators_from_tf()  # before TFDS imports TensorFlow
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
-  data_dir = data_dir or None
+  download = config_lib.download_setting(download)
+  where = data_dir or f'{_default_tfds_dir()} (TFDS default)'
+  try:
+    builder = tfds.builder('mnist', data_dir=data_dir or None)
+    prepared = builder.is_prepared()
+  except Exception as e:  # pylint: disable=broad-except
+    raise DataError(f'Cannot open the TFDS data dir {where} '
+                    f'({type(e).__name__}: {str(e)[:160]}). {_HOW_TO_FIX}'
+                    ) from None
+  if not prepared:
+    if not download:
+      raise DataError(f'MNIST (TFDS) is not prepared in {where} and '
+                      f'config.data.download=False. {_HOW_TO_FIX}')
+    _download_and_prepare(builder, where)
   splits = []
   for name in ('train', 'test'):
     try:
-      ds = tfds.load('mnist', split=name, data_dir=data_dir, download=download,
-                     shuffle_files=False)
-    except (AssertionError, FileNotFoundError, OSError) as e:
-      where = data_dir or '~/tensorflow_datasets (TFDS default)'
-      raise DataError(
-          f'MNIST (TFDS) not found in {where} and download={download}. '
-          f'{_HOW_TO_FIX} [{type(e).__name__}: {str(e)[:120]}]') from None
+      ds = builder.as_dataset(split=name, shuffle_files=False)
+      images, labels = [], []
+      for batch in tfds.as_numpy(ds.batch(10_000)):
+        images.append(batch['image'])
+        labels.append(batch['label'])
     except Exception as e:  # pylint: disable=broad-except
-      # Without network access, download=True fails deep inside TFDS.
-      raise DataError(f'Could not load MNIST from TFDS ({type(e).__name__}: '
-                      f'{str(e)[:160]}). {_HOW_TO_FIX}') from None
-    images, labels = [], []
-    for batch in tfds.as_numpy(ds.batch(10_000)):
-      images.append(batch['image'])
-      labels.append(batch['label'])
+      raise DataError(f'Cannot read TFDS mnist/{name} in {where} '
+                      f'({type(e).__name__}: {str(e)[:160]}). {_HOW_TO_FIX}'
+                      ) from None
     splits.append(_make_split(np.concatenate(images), np.concatenate(labels),
                               f'TFDS mnist/{name}'))
   return splits[0], splits[1]
 
 
+def _download_and_prepare(builder, where: str) -> None:
+  """TFDS downloads MNIST (~11 MB) and prepares it in the data dir, saying so."""
+  print(f'MNIST is not prepared in {where}: downloading and preparing it '
+        'there (once)...', flush=True)
+  t0 = time.perf_counter()
+  try:
+    builder.download_and_prepare()
+  except Exception as e:  # pylint: disable=broad-except
+    # Offline, TFDS fails deep inside its downloader: say what to do instead.
+    raise DataError(
+        f'Could not download MNIST into {where} ({type(e).__name__}: '
+        f'{str(e).splitlines()[0][:160] if str(e) else ""}). Without network '
+        f'access, put a prepared tensorflow_datasets folder there (or point '
+        'TFDS_DATA_DIR or --config.data.dir at one), or use the four IDX files:'
+        ' --config.data.source=idx --config.data.dir=<folder with '
+        'train-images-idx3-ubyte.gz ...>; --config.data.download=false never '
+        'downloads.') from None
+  print(f'MNIST downloaded and prepared in {where} in '
+        f'{time.perf_counter() - t0:.0f} s.', flush=True)
+
+
+def _default_tfds_dir() -> str:
+  return os.path.expanduser('~/tensorflow_datasets')
+
+
 def _tfds_files(data_dir: str) -> list[str]:
   """The prepared TFDS mnist files (empty if there are none to key a cache)."""
-  root = os.path.join(data_dir or os.path.expanduser('~/tensorflow_datasets'),
-                      'mnist')
+  root = os.path.join(data_dir or _default_tfds_dir(), 'mnist')
   files = []
   for dirpath, _, names in os.walk(root):
     files += [os.path.join(dirpath, n) for n in names]

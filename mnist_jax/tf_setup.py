@@ -6,6 +6,8 @@ import threading
 
 from absl import logging
 
+from mnist_jax import console
+
 _lock = threading.Lock()
 _hidden = False
 _preload_thread = None
@@ -25,8 +27,9 @@ def hide_accelerators_from_tf() -> None:
   with _lock:
     if _hidden:
       return
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    tf.config.set_visible_devices([], 'GPU')
+    with console.native_info_to_log():  # TF's C++ start-up notices
+      import tensorflow as tf  # pylint: disable=g-import-not-at-top
+      tf.config.set_visible_devices([], 'GPU')
     _hidden = True
 
 

@@ -76,7 +76,7 @@ def _flag_error_message(e: flags.Error) -> str:
   if 'Traceback (most recent call last)' in message:
     # An exception in get_config (e.g. an unknown config argument, a
     # ValueError of the config file): its own message is the useful part.
-    flag = message.split(':', 1)[0]
+    flag = message.split(': ', 1)[0]  # 'flag --config=<path>[:<arg>]'
     return f'{flag}: {message.splitlines()[-1].strip()}'
   return ' '.join(line.strip() for line in message.splitlines() if line.strip())
 
@@ -118,5 +118,6 @@ def _config_load_message(e: OSError, argv: list[str]) -> str:
     reason = str(cause).strip().splitlines()[-1].strip()
     # "[Errno 2] No such file or directory: 'path'" -> "No such file ...".
     reason = reason.split('] ', 1)[-1].split(": '", 1)[0]
-  return (f'Cannot load config file {path}: {reason}. Pass an existing '
-          'file, e.g. --config configs/default.py')
+  return (f'Cannot load config file{" " + path if path else ""}: '
+          f'{reason.rstrip(".")}. Pass an existing file, e.g. --config '
+          'configs/default.py')

@@ -81,6 +81,10 @@ def setup(verbose: bool | None = None) -> None:
     python_handler.release()
   if FLAGS['alsologtostderr'].value:
     return  # absl also writes every record to stderr itself.
+  # tqdm makes its lock (importing multiprocessing) at first use: do it now,
+  # not in a logging call from a thread while another thread imports under
+  # etils' lazy imports (as TFDS does), where that import fails.
+  tqdm.tqdm.get_lock()
   with _lock:
     if _console_handler is None:
       _console_handler = _TqdmConsoleHandler()

@@ -27,8 +27,10 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import os
+import socket
 import struct
 import time
+import urllib.parse
 import zipfile
 import zlib
 
@@ -118,13 +120,16 @@ def _load_tfds(data_dir: str, download: bool | str) -> tuple[Split, Split]:
   """
   from mnist_jax import tf_setup  # pylint: disable=g-import-not-at-top
   tf_setup.hide_accelerators_from_tf()  # before TFDS imports TensorFlow
+  tf_setup.wait_for_preload()  # no other imports while TFDS imports
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
   download = config_lib.download_setting(download)
   where = data_dir or f'{_default_tfds_dir()} (TFDS default)'
   try:
     builder = tfds.builder('mnist', data_dir=data_dir or None)
-    prepared = builder.is_prepared()
+    # (TFDS's is_prepared() warns about a missing folder: look first.)
+    prepared = os.path.isfile(os.path.join(
+        builder.data_dir, 'dataset_info.json')) and builder.is_prepared()
   except Exception as e:  # pylint: disable=broad-except
     raise DataError(f'Cannot open the TFDS data dir {where} '
                     f'({type(e).__name__}: {str(e)[:160]}). {_HOW_TO_FIX}'
@@ -153,23 +158,39 @@ def _load_tfds(data_dir: str, download: bool | str) -> tuple[Split, Split]:
 
 def _download_and_prepare(builder, where: str) -> None:
   """TFDS downloads MNIST (~11 MB) and prepares it in the data dir, saying so."""
+  def offline(why: str) -> DataError:
+    return DataError(
+        f'Could not download MNIST into {where} ({why}). Without network '
+        'access, put a prepared tensorflow_datasets folder there (or point '
+        'TFDS_DATA_DIR or --config.data.dir at one), or use the four IDX files:'
+        ' --config.data.source=idx --config.data.dir=<folder with '
+        'train-images-idx3-ubyte.gz ...>; --config.data.download=false never '
+        'downloads.')
+
+  # Offline, TFDS would retry for minutes before failing deep inside its
+  # downloader: a host that does not resolve fails at once.
+  host = urllib.parse.urlparse(getattr(builder, 'URL', '') or '').hostname
+  if host and not _uses_proxy():
+    try:
+      socket.getaddrinfo(host, 443)
+    except OSError as e:
+      raise offline(f'cannot resolve {host}: {e}') from None
   print(f'MNIST is not prepared in {where}: downloading and preparing it '
         'there (once)...', flush=True)
   t0 = time.perf_counter()
   try:
     builder.download_and_prepare()
   except Exception as e:  # pylint: disable=broad-except
-    # Offline, TFDS fails deep inside its downloader: say what to do instead.
-    raise DataError(
-        f'Could not download MNIST into {where} ({type(e).__name__}: '
-        f'{str(e).splitlines()[0][:160] if str(e) else ""}). Without network '
-        f'access, put a prepared tensorflow_datasets folder there (or point '
-        'TFDS_DATA_DIR or --config.data.dir at one), or use the four IDX files:'
-        ' --config.data.source=idx --config.data.dir=<folder with '
-        'train-images-idx3-ubyte.gz ...>; --config.data.download=false never '
-        'downloads.') from None
+    text = str(e).splitlines()[0][:160] if str(e) else ''
+    raise offline(f'{type(e).__name__}: {text}') from None
   print(f'MNIST downloaded and prepared in {where} in '
         f'{time.perf_counter() - t0:.0f} s.', flush=True)
+
+
+def _uses_proxy() -> bool:
+  """Whether HTTPS goes through a proxy (then names may not resolve here)."""
+  return any(os.environ.get(v) for v in (
+      'https_proxy', 'HTTPS_PROXY', 'all_proxy', 'ALL_PROXY'))
 
 
 def _default_tfds_dir() -> str:

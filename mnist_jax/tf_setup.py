@@ -57,3 +57,15 @@ def preload_in_background() -> threading.Thread:
                                          daemon=True)
       _preload_thread.start()
   return _preload_thread
+
+
+def wait_for_preload() -> None:
+  """Waits until `preload_in_background`'s imports are done, if it started.
+
+  TFDS imports under etils' lazy imports, which patch `import` for the whole
+  process: an import running meanwhile on another thread fails (or returns a
+  lazy stub). Import TFDS only after this.
+  """
+  thread = _preload_thread
+  if thread is not None and thread is not threading.current_thread():
+    thread.join()

@@ -4,6 +4,7 @@ TFDS generated IDX files (the format of MNIST's own files); the rest of TFDS's
 preparation and reading is real."""
 
 import os
+import socket
 import types
 
 import pytest
@@ -46,6 +47,9 @@ def fake_download(tmp_path, monkeypatch):
 
   monkeypatch.setattr(tfds.download.DownloadManager, 'download_and_extract',
                       download_and_extract)
+  # The name of MNIST's host resolves (the pre-flight check of being online).
+  monkeypatch.setattr(input_pipeline.socket, 'getaddrinfo',
+                      lambda host, port: [('resolved', host, port)])
   # TFDS's mnist reads exactly as many images as the real files hold.
   monkeypatch.setattr(mnist_builder, '_TRAIN_EXAMPLES', NUM_TRAIN)
   monkeypatch.setattr(mnist_builder, '_TEST_EXAMPLES', NUM_TEST)
@@ -93,7 +97,27 @@ def test_download_true_is_auto_and_false_never_downloads(tmp_path,
   assert len(fake_download.calls) == 1
 
 
-def test_offline_auto_fails_with_one_line(tmp_path, fake_download):
+def test_offline_auto_fails_at_once_with_one_line(tmp_path, fake_download,
+                                                  monkeypatch):
+  def no_dns(host, port):
+    raise socket.gaierror(-2, 'Name or service not known')
+
+  monkeypatch.setattr(input_pipeline.socket, 'getaddrinfo', no_dns)
+  for proxy in ('https_proxy', 'HTTPS_PROXY', 'all_proxy', 'ALL_PROXY'):
+    monkeypatch.delenv(proxy, raising=False)
+  data_dir = tmp_path / 'tfds'
+  with pytest.raises(DataError) as e:
+    input_pipeline.load(_config(data_dir))
+  message = str(e.value)
+  assert message.startswith(
+      f'Could not download MNIST into {data_dir} (cannot resolve '
+      'storage.googleapis.com: [Errno -2] Name or service not known). '
+      'Without network access, put a prepared tensorflow_datasets folder')
+  assert 'TFDS_DATA_DIR' in message and '--config.data.source=idx' in message
+  assert '\n' not in message and not fake_download.calls
+
+
+def test_failed_download_is_one_line(tmp_path, fake_download):
   fake_download.error = ConnectionError(
       "HTTPSConnectionPool(host='storage.googleapis.com'): Max retries "
       'exceeded\n(more detail)')

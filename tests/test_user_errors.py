@@ -42,7 +42,8 @@ CASES = [
     ('config_not_python', ['--config={tmp}/not_python.py'],
      'Error: Config file {tmp}/not_python.py is not valid Python'),
     ('unknown_config_argument', [f'--config={DEFAULT}:bogus'],
-     "Error: flag --config={default}: ValueError: Unknown config argument "
+     "Error: flag --config={default}:bogus: ValueError: Unknown config "
+     "argument "
      "'bogus'; use 'smoke' or nothing."),
     ('no_config', ['--config='],
      'Error: Cannot load config file'),

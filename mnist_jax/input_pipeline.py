@@ -127,9 +127,10 @@ def _load_tfds(data_dir: str, download: bool | str) -> tuple[Split, Split]:
   where = data_dir or f'{_default_tfds_dir()} (TFDS default)'
   try:
     builder = tfds.builder('mnist', data_dir=data_dir or None)
-    # (TFDS's is_prepared() warns about a missing folder: look first.)
-    prepared = os.path.isfile(os.path.join(
-        builder.data_dir, 'dataset_info.json')) and builder.is_prepared()
+    # (TFDS's is_prepared() warns about a missing folder: look first; an
+    # epath, so gs:// data dirs work too.)
+    prepared = (builder.data_path / 'dataset_info.json').exists() and (
+        builder.is_prepared())
   except Exception as e:  # pylint: disable=broad-except
     raise DataError(f'Cannot open the TFDS data dir {where} '
                     f'({type(e).__name__}: {str(e)[:160]}). {_HOW_TO_FIX}'

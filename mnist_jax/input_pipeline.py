@@ -129,29 +129,30 @@ def _load_tfds(data_dir: str, download: bool | str) -> tuple[Split, Split]:
     builder = tfds.builder('mnist', data_dir=data_dir or None)
     # (TFDS's is_prepared() warns about a missing folder: look first; an
     # epath, so gs:// data dirs work too.)
-    prepared = (builder.data_path / 'dataset_info.json').exists() and (
-        builder.is_prepared())
+    missing = bool(download) and not (
+        (builder.data_path / 'dataset_info.json').exists()
+        and builder.is_prepared())
   except Exception as e:  # pylint: disable=broad-except
     raise DataError(f'Cannot open the TFDS data dir {where} '
                     f'({type(e).__name__}: {str(e)[:160]}). {_HOW_TO_FIX}'
                     ) from None
-  if not prepared:
-    if not download:
-      raise DataError(f'MNIST (TFDS) is not prepared in {where} and '
-                      f'config.data.download=False. {_HOW_TO_FIX}')
+  if missing:
     _download_and_prepare(builder, where)
   splits = []
   for name in ('train', 'test'):
     try:
-      ds = builder.as_dataset(split=name, shuffle_files=False)
+      ds = tfds.load('mnist', split=name, data_dir=data_dir or None,
+                     download=False, shuffle_files=False)
       images, labels = [], []
       for batch in tfds.as_numpy(ds.batch(10_000)):
         images.append(batch['image'])
         labels.append(batch['label'])
     except Exception as e:  # pylint: disable=broad-except
-      raise DataError(f'Cannot read TFDS mnist/{name} in {where} '
-                      f'({type(e).__name__}: {str(e)[:160]}). {_HOW_TO_FIX}'
-                      ) from None
+      never = '' if download else (
+          ' (config.data.download=false: nothing is downloaded)')
+      raise DataError(f'Cannot read MNIST (TFDS mnist/{name}) from {where}'
+                      f'{never}: {type(e).__name__}: {str(e)[:160]}. '
+                      f'{_HOW_TO_FIX}') from None
     splits.append(_make_split(np.concatenate(images), np.concatenate(labels),
                               f'TFDS mnist/{name}'))
   return splits[0], splits[1]

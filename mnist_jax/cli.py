@@ -1,4 +1,4 @@
-"""Command-line mistakes as one `Error: ...` line (exit status 2), not tracebacks.
+"""Command-line mistakes as one `Error: ...` line (exit 2), not tracebacks.
 
 `parse_flags` is `launch.py`'s `app.run(..., flags_parser=...)`: it parses the
 flags (including ml_collections' `--config` file and `--config.*` overrides)

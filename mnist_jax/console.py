@@ -16,6 +16,7 @@ straight to file descriptor 2, whatever `TF_CPP_MIN_LOG_LEVEL` says
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import io
 import logging
@@ -39,6 +40,8 @@ _lock = threading.Lock()
 _console_handler = None
 _quiet_native = False  # setup() ran without verbose: C++ INFO to the log.
 _native_lock = threading.Lock()  # Held while fd 2 is filtered.
+_restore_lock = threading.Lock()
+_native_filter = None  # (console fd, pump thread) while fd 2 is filtered.
 # C++ (absl/glog-style) INFO lines, and absl's notice that precedes them.
 _NATIVE_INFO = re.compile(
     rb'^(I\d{4} [\d:.]+ +\d+ [^ ]+:\d+\] |'
@@ -135,6 +138,7 @@ def native_info_to_log():
   console quiet. Wrap short blocks that print C++ start-up notices (importing
   TensorFlow): while it lasts, fd 2 is a pipe read by a thread.
   """
+  global _native_filter
   if not _quiet_native or not _native_lock.acquire(blocking=False):
     yield  # Not quiet, or another block already filters fd 2.
     return
@@ -147,16 +151,40 @@ def native_info_to_log():
     pump = threading.Thread(target=_pump_native, args=(read_fd, console_fd),
                             name='native-stderr', daemon=True)
     pump.start()
+    with _restore_lock:
+      _native_filter = (console_fd, pump)
     try:
       yield
     finally:
-      sys.stderr.flush()
-      os.dup2(console_fd, 2)  # Closes the pipe's last writer: the pump ends.
-      pump.join(timeout=5)
-      if not pump.is_alive():  # (A child process may still hold the pipe.)
-        os.close(console_fd)
+      _restore_native()
   finally:
     _native_lock.release()
+
+
+def _restore_native() -> None:
+  """Puts the console back on fd 2; the pump passes on what it still holds.
+
+  Also runs at exit: a process that ends while another thread is still in a
+  `native_info_to_log` block (e.g. an error during the background import of
+  TensorFlow) must not lose what it wrote to stderr (its `Error:` line).
+  """
+  global _native_filter
+  with _restore_lock:
+    if _native_filter is None:
+      return
+    console_fd, pump = _native_filter
+    _native_filter = None
+    try:
+      sys.stderr.flush()
+    except (OSError, ValueError):
+      pass
+    os.dup2(console_fd, 2)  # Closes the pipe's last writer: the pump ends.
+    pump.join(timeout=5)
+    if not pump.is_alive():  # (A child process may still hold the pipe.)
+      os.close(console_fd)
+
+
+atexit.register(_restore_native)
 
 
 def _pump_native(read_fd: int, console_fd: int) -> None:

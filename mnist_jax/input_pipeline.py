@@ -159,7 +159,7 @@ def _load_tfds(data_dir: str, download: bool | str) -> tuple[Split, Split]:
 
 
 def _download_and_prepare(builder, where: str) -> None:
-  """TFDS downloads MNIST (~11 MB) and prepares it in the data dir, saying so."""
+  """TFDS downloads MNIST (~11 MB) and prepares it in the data dir; says so."""
   def offline(why: str) -> DataError:
     return DataError(
         f'Could not download MNIST into {where} ({why}). Without network '

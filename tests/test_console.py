@@ -78,3 +78,34 @@ def test_absl_flags_bring_the_chatter_back(tmp_path, flag):
   assert err.count('during the bar') == 1
   assert 'port.cc:153] notice' in err  # native notices not filtered
   assert 'chatter after' in log
+
+
+_EXIT_WHILE_FILTERED = r'''
+import os, sys, threading, time
+from absl import app
+from mnist_jax import console
+
+def main(argv):
+  console.setup()
+  entered = threading.Event()
+
+  def slow_import():  # as TensorFlow's import on the preload thread
+    with console.native_info_to_log():
+      entered.set()
+      time.sleep(60)
+
+  threading.Thread(target=slow_import, daemon=True).start()
+  entered.wait()
+  print('Error: a mistake found meanwhile', file=sys.stderr)
+  sys.exit(2)
+
+app.run(main)
+'''
+
+
+def test_stderr_written_while_filtered_survives_exit(tmp_path):
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  proc = subprocess.run([sys.executable, '-c', _EXIT_WHILE_FILTERED], env=env,
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2
+  assert proc.stderr.strip() == 'Error: a mistake found meanwhile'

@@ -22,6 +22,9 @@ from absl import logging
 from ml_collections import config_flags
 
 import mnist_jax  # noqa: F401  (sets XLA flags before JAX starts its backend)
+from mnist_jax import cli
+from mnist_jax import console
+from mnist_jax import workdir as workdir_lib
 from mnist_jax.errors import UserError
 
 # Exit status after a SIGTERM pre-emption was saved: 128 + 15, what
@@ -63,6 +66,7 @@ def default_workdir(config_path: str) -> str:
 def main(argv):
   if len(argv) > 1 and FLAGS.mode != 'predict':
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  console.setup()  # Log chatter off the console (before TF and JAX start).
   import jax  # pylint: disable=g-import-not-at-top
   from mnist_jax import tf_setup, train  # pylint: disable=g-import-not-at-top
   if FLAGS.mode == 'train' and not FLAGS.sweep:
@@ -70,7 +74,8 @@ def main(argv):
   else:
     tf_setup.hide_accelerators_from_tf()
   from mnist_jax import config_lib, parallel  # pylint: disable=g-import-not-at-top
-  try:  # Multi-host: before anything touches a JAX backend.
+  try:  # Bad values stop before any file is made; multi-host starts before
+    # anything touches a JAX backend.
     config_lib.validate(FLAGS.config)
     parallel.initialize_distributed(FLAGS.config)
   except UserError as e:
@@ -85,6 +90,9 @@ def main(argv):
     if FLAGS.sweep and FLAGS.mode != 'train':
       raise UserError(f'--sweep trains its points; it does not combine with '
                       f'--mode {FLAGS.mode} (run that on a point\'s workdir).')
+    if FLAGS.mode == 'train':  # One run per workdir (held until exit).
+      workdir_lib.claim(workdir, enabled=parallel.is_lead())
+      console.log_to_file(workdir, jax.process_index())
     if FLAGS.sweep:
       from mnist_jax import sweep_run  # pylint: disable=g-import-not-at-top
       sys.exit(sweep_run.run_from_file(flags.FLAGS['config'].config_filename,
@@ -117,4 +125,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -28,7 +28,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.source = 'tfds'  # 'tfds' (tfds.load('mnist')) or 'idx' (MNIST_data/ IDX files).
   config.data.dir = ''  # TFDS data dir or IDX folder; '' = TFDS_DATA_DIR / TFDS default.
   config.data.num_validation = 5000  # First N training images validate (tutorial: 5,000).
-  config.data.download = False  # Let TFDS download if the data is missing (needs internet).
+  config.data.download = 'auto'  # 'auto': TFDS downloads MNIST once if missing; 'false': never (offline/TPU).
   config.data.cache_dir = ''  # Decoded-TFDS .npz cache; '' = ~/.cache/mnist_jax, 'none' = off.
 
   # --- Model (tutorial's network) ---

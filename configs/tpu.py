@@ -45,6 +45,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # XLA:CPU rewrite (same parameters and function).
   config.lowering = 'reference'
   config.data.source = 'tfds'
+  config.data.download = 'false'  # Prepared once in the bucket (README); hosts never download.
   config.write_report = True
 
   for part in filter(None, (arg or '').split(',')):

@@ -9,6 +9,9 @@ LOWERINGS = ('fast', 'reference')
 DTYPES = ('float32', 'bfloat16')
 PARALLELISMS = ('jit', 'pmap')
 DISTRIBUTED_INIT = ('auto', 'yes', 'no')
+# config.data.download: 'auto' (download when missing), True (the same), False.
+# From the command line they come as strings ('--config.data.download=false').
+DOWNLOAD_SETTINGS = {'auto': 'auto', 'true': True, 'false': False}
 
 
 def get(config, dotted: str):
@@ -56,6 +59,11 @@ def validate(config) -> None:
   check(config.distributed.initialize in DISTRIBUTED_INIT,
         'distributed.initialize', f'use one of {DISTRIBUTED_INIT}.')
   check(config.data.num_validation > 0, 'data.num_validation', 'must be > 0.')
+  try:
+    download_setting(config.data.download)
+  except ValueError:
+    check(False, 'data.download', "use 'auto' (download MNIST when missing), "
+          'true (the same) or false (never download).')
   check(is_int(config.profile_steps) and config.profile_steps >= 0,
         'profile_steps', 'must be an integer >= 0 (0 = no profiler trace).')
   check(is_int(config.eval_step) and config.eval_step >= -1, 'eval_step',
@@ -83,3 +91,12 @@ def validate_against_devices(config, num_devices: int,
           f'config.{field}={value} (global) does not divide by the {n} '
           f'devices{hosts}, which each take an equal share; use a multiple '
           f'of {n}, e.g. {" or ".join(map(str, ok))}.')
+
+
+def download_setting(value: bool | str) -> bool | str:
+  """`config.data.download` as 'auto', True or False (ValueError if none)."""
+  if isinstance(value, bool):
+    return value
+  if isinstance(value, str) and value.strip().lower() in DOWNLOAD_SETTINGS:
+    return DOWNLOAD_SETTINGS[value.strip().lower()]
+  raise ValueError(f'Not a data.download setting: {value!r}')

@@ -1,11 +1,12 @@
 """MNIST input: whole splits as uint8 arrays, the tutorial's split, data order.
 
 The dataset (55 MB as uint8) is loaded once into host memory and once onto
-the devices; each step gathers its batch there. Sources: 'tfds'
-(`tfds.load('mnist')`) or 'idx' (the tutorial's `MNIST_data/` IDX files).
-The first `num_validation` training images, in the source's own order,
-validate. Epoch `e` visits the training set in the order
-`permutation(fold_in(key, e))`, a pure function of (seed, epoch).
+the devices; each step gathers its batch there. Sources: 'tfds' (TFDS
+'mnist'; with `data.download='auto'` it is downloaded and prepared once when
+missing) or 'idx' (the tutorial's `MNIST_data/` IDX files). The first
+`num_validation` training images, in the source's own order, validate. Epoch
+`e` visits the training set in the order `permutation(fold_in(key, e))`, a
+pure function of (seed, epoch).
 """
 
 from __future__ import annotations
@@ -14,7 +15,10 @@ import dataclasses
 import gzip
 import hashlib
 import os
+import socket
 import struct
+import time
+import urllib.parse
 import zipfile
 import zlib
 
@@ -22,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mnist_jax import config_lib
 from mnist_jax import tf_setup
 from mnist_jax.errors import DataError
 
@@ -96,39 +101,95 @@ def load(config) -> Mnist:
       test=test)
 
 
-def _load_tfds(data_dir: str, download: bool) -> tuple[Split, Split]:
-  """Reads the whole 'train' and 'test' splits of TFDS mnist in file order."""
+def _load_tfds(data_dir: str, download: bool | str) -> tuple[Split, Split]:
+  """Reads the whole 'train' and 'test' splits of TFDS mnist in file order.
+
+  When they are not prepared in `data_dir` and `download` is 'auto' (or
+  True), TFDS downloads and prepares them there first, once.
+  """
   tf_setup.hide_accelerators_from_tf()  # before TFDS imports TensorFlow
+  tf_setup.wait_for_preload()  # no other imports while TFDS imports
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
-  data_dir = data_dir or None
+  download = config_lib.download_setting(download)
+  where = data_dir or f'{_default_tfds_dir()} (TFDS default)'
+  try:
+    builder = tfds.builder('mnist', data_dir=data_dir or None)
+    # (TFDS's is_prepared() warns about a missing folder: look first; an
+    # epath, so gs:// data dirs work too.)
+    missing = bool(download) and not (
+        (builder.data_path / 'dataset_info.json').exists()
+        and builder.is_prepared())
+  except Exception as e:  # pylint: disable=broad-except
+    raise DataError(f'Cannot open the TFDS data dir {where} '
+                    f'({type(e).__name__}: {str(e)[:160]}). {_HOW_TO_FIX}'
+                    ) from None
+  if missing:
+    _download_and_prepare(builder, where)
   splits = []
   for name in ('train', 'test'):
     try:
-      ds = tfds.load('mnist', split=name, data_dir=data_dir, download=download,
-                     shuffle_files=False)
-    except (AssertionError, FileNotFoundError, OSError) as e:
-      where = data_dir or '~/tensorflow_datasets (TFDS default)'
-      raise DataError(
-          f'MNIST (TFDS) not found in {where} and download={download}. '
-          f'{_HOW_TO_FIX} [{type(e).__name__}: {str(e)[:120]}]') from None
+      ds = tfds.load('mnist', split=name, data_dir=data_dir or None,
+                     download=False, shuffle_files=False)
+      images, labels = [], []
+      for batch in tfds.as_numpy(ds.batch(10_000)):
+        images.append(batch['image'])
+        labels.append(batch['label'])
     except Exception as e:  # pylint: disable=broad-except
-      # Without network access, download=True fails deep inside TFDS.
-      raise DataError(f'Could not load MNIST from TFDS ({type(e).__name__}: '
-                      f'{str(e)[:160]}). {_HOW_TO_FIX}') from None
-    images, labels = [], []
-    for batch in tfds.as_numpy(ds.batch(10_000)):
-      images.append(batch['image'])
-      labels.append(batch['label'])
+      never = '' if download else (
+          ' (config.data.download=false: nothing is downloaded)')
+      raise DataError(f'Cannot read MNIST (TFDS mnist/{name}) from {where}'
+                      f'{never}: {type(e).__name__}: {str(e)[:160]}. '
+                      f'{_HOW_TO_FIX}') from None
     splits.append(_make_split(np.concatenate(images), np.concatenate(labels),
                               f'TFDS mnist/{name}'))
   return splits[0], splits[1]
 
 
+def _download_and_prepare(builder, where: str) -> None:
+  """TFDS downloads MNIST (~11 MB) and prepares it in the data dir; says so."""
+  def offline(why: str) -> DataError:
+    return DataError(
+        f'Could not download MNIST into {where} ({why}). Without network '
+        'access, put a prepared tensorflow_datasets folder there (or point '
+        'TFDS_DATA_DIR or --config.data.dir at one), or use the four IDX files:'
+        ' --config.data.source=idx --config.data.dir=<folder with '
+        'train-images-idx3-ubyte.gz ...>; --config.data.download=false never '
+        'downloads.')
+
+  # Offline, TFDS would retry for minutes before failing deep inside its
+  # downloader: a host that does not resolve fails at once.
+  host = urllib.parse.urlparse(getattr(builder, 'URL', '') or '').hostname
+  if host and not _uses_proxy():
+    try:
+      socket.getaddrinfo(host, 443)
+    except OSError as e:
+      raise offline(f'cannot resolve {host}: {e}') from None
+  print(f'MNIST is not prepared in {where}: downloading and preparing it '
+        'there (once)...', flush=True)
+  t0 = time.perf_counter()
+  try:
+    builder.download_and_prepare()
+  except Exception as e:  # pylint: disable=broad-except
+    text = str(e).splitlines()[0][:160] if str(e) else ''
+    raise offline(f'{type(e).__name__}: {text}') from None
+  print(f'MNIST downloaded and prepared in {where} in '
+        f'{time.perf_counter() - t0:.0f} s.', flush=True)
+
+
+def _uses_proxy() -> bool:
+  """Whether HTTPS goes through a proxy (then names may not resolve here)."""
+  return any(os.environ.get(v) for v in (
+      'https_proxy', 'HTTPS_PROXY', 'all_proxy', 'ALL_PROXY'))
+
+
+def _default_tfds_dir() -> str:
+  return os.path.expanduser('~/tensorflow_datasets')
+
+
 def _tfds_files(data_dir: str) -> list[str]:
   """The prepared TFDS mnist files (empty if there are none to key a cache)."""
-  root = os.path.join(data_dir or os.path.expanduser('~/tensorflow_datasets'),
-                      'mnist')
+  root = os.path.join(data_dir or _default_tfds_dir(), 'mnist')
   files = []
   for dirpath, _, names in os.walk(root):
     files += [os.path.join(dirpath, n) for n in names]

@@ -6,6 +6,8 @@ import threading
 
 from absl import logging
 
+from mnist_jax import console
+
 _lock = threading.Lock()
 _hidden = False
 _preload_thread = None
@@ -25,8 +27,9 @@ def hide_accelerators_from_tf() -> None:
   with _lock:
     if _hidden:
       return
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    tf.config.set_visible_devices([], 'GPU')
+    with console.native_info_to_log():  # TF's C++ start-up notices
+      import tensorflow as tf  # pylint: disable=g-import-not-at-top
+      tf.config.set_visible_devices([], 'GPU')
     _hidden = True
 
 
@@ -54,3 +57,15 @@ def preload_in_background() -> threading.Thread:
                                          daemon=True)
       _preload_thread.start()
   return _preload_thread
+
+
+def wait_for_preload() -> None:
+  """Waits until `preload_in_background`'s imports are done, if it started.
+
+  TFDS imports under etils' lazy imports, which patch `import` for the whole
+  process: an import running meanwhile on another thread fails (or returns a
+  lazy stub). Import TFDS only after this.
+  """
+  thread = _preload_thread
+  if thread is not None and thread is not threading.current_thread():
+    thread.join()

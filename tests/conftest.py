@@ -67,6 +67,7 @@ def tiny_config_for(idx_folder):
   config.data.source = 'idx'
   config.data.dir = idx_folder
   config.data.num_validation = 100
+  config.data.download = 'false'  # tests never download
   config.batch_size = 32
   config.eval_batch_size = 64  # 100 and 230 are not multiples: padding is used
   config.num_epochs = 2

@@ -32,6 +32,9 @@ import tqdm
 FLAGS = flags.FLAGS
 
 LOG_FILE = 'log.txt'
+# Libraries whose log records, warnings and errors included, go to the log
+# file only unless the console was asked for them (`--verbosity`).
+QUIET_LIBRARIES = ('orbax',)
 # What is kept in memory until the log file is known (and for runs that have
 # none: eval, info, predict); beyond it, records go to the log file only.
 MAX_BUFFERED_CHARS = 1 << 20
@@ -84,6 +87,10 @@ def setup(verbose: bool | None = None) -> None:
     python_handler.release()
   if FLAGS['alsologtostderr'].value:
     return  # absl also writes every record to stderr itself.
+  if not FLAGS['stderrthreshold'].present:
+    # Records reach the console through `_TqdmConsoleHandler` only, which
+    # keeps the bar intact (absl would copy ERRORs to stderr itself).
+    FLAGS.stderrthreshold = 'fatal'
   # tqdm makes its lock (importing multiprocessing) at first use: do it now,
   # not in a logging call from a thread while another thread imports under
   # etils' lazy imports (as TFDS does), where that import fails.
@@ -94,6 +101,7 @@ def setup(verbose: bool | None = None) -> None:
       _console_handler.setFormatter(absl_logging.PythonFormatter())
       logging.root.addHandler(_console_handler)
     _console_handler.setLevel(logging.NOTSET if verbose else logging.WARNING)
+    _console_handler.quiet_libraries = not verbose
 
 
 def log_to_file(workdir: str, process_index: int = 0) -> str | None:
@@ -230,9 +238,16 @@ class _TqdmConsoleHandler(logging.Handler):
   skipped, so that none is shown twice.
   """
 
+  quiet_libraries = True
+
   def filter(self, record: logging.LogRecord) -> bool:
     threshold = absl_logging.converter.string_to_standard(
         FLAGS['stderrthreshold'].value)
+    if self.quiet_libraries and any(
+        f'{os.sep}{name}{os.sep}' in record.pathname for name in QUIET_LIBRARIES):
+      # Their warnings are about their internals and their errors reach us
+      # as exceptions, which the run reports in its own words: log.txt only.
+      return False
     return record.levelno < threshold and super().filter(record)
 
   def emit(self, record: logging.LogRecord) -> None:

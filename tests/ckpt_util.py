@@ -62,7 +62,7 @@ def copy_steps(src_workdir, dst_workdir, keep):
     shutil.copytree(os.path.join(src, str(step)), os.path.join(dst, str(step)))
 
 
-def _flags(config, prefix='config'):
+def flags_for(config, prefix='config'):
   """--config.x=v flags for every field where `config` differs from default."""
   base = default.get_config()
   out = []
@@ -93,7 +93,7 @@ def launch(workdir, config, *extra, fault=None, devices=1,
     cmd = [sys.executable, os.path.join(ROOT, 'tests', 'ckpt_driver.py'),
            workdir, json.dumps(config.to_dict()), *extra]
   else:
-    flags = _flags(config)
+    flags = flags_for(config)
     if 'write_report' in default.get_config():
       flags.append('--config.write_report=False')  # not what is tested here
     cmd = [sys.executable, os.path.join(ROOT, 'launch.py'), '--config',

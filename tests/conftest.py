@@ -8,6 +8,7 @@ import glob
 import gzip
 import os
 import struct
+import subprocess
 import sys
 
 import jax
@@ -108,3 +109,18 @@ def read_events(logdir):
         value = tf.make_ndarray(v.tensor) if v.HasField('tensor') else None
         out.setdefault(v.tag, {})[event.step] = (plugin, value)
   return out
+
+
+_HOLD = ('import sys; from mnist_jax import workdir\n'
+         'with workdir.lock(sys.argv[1]):\n'
+         '  print("locked", flush=True); sys.stdin.read()\n')
+
+
+def hold_lock(path):
+  """A process holding `path`'s lock until its stdin closes (or it dies)."""
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  proc = subprocess.Popen([sys.executable, '-c', _HOLD, path], env=env,
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                          text=True)
+  assert proc.stdout.readline().strip() == 'locked'
+  return proc

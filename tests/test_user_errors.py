@@ -10,10 +10,14 @@ import os
 import subprocess
 import sys
 
+import jax
 import pytest
 
 from conftest import ROOT
-from test_workdir import hold_lock
+from conftest import tiny_config_for
+import ckpt_util
+from mnist_jax import checkpointing
+from conftest import hold_lock
 
 DEFAULT = os.path.join(ROOT, 'configs', 'default.py')
 
@@ -134,3 +138,28 @@ def test_a_bug_in_a_config_file_keeps_its_traceback(tmp_path):
   assert proc.returncode == 1
   assert 'Traceback' in proc.stderr
   assert "NameError: name 'undefined_name' is not defined" in proc.stderr
+
+
+def test_full_disk_while_saving_is_one_line_and_keeps_earlier_checkpoints(
+    idx_dir, tmp_path):
+  # The save of step 20 fails with ENOSPC (test-only fault injection, as a
+  # full disk makes orbax's writer fail; checked by hand on a 60 MB tmpfs).
+  workdir = str(tmp_path / 'run')
+  proc = ckpt_util.launch(workdir, tiny_config_for(idx_dir),
+                          fault='disk_full:20')
+  errors = [l for l in proc.stderr.splitlines() if l.startswith('Error:')]
+  assert errors == [
+      'Error: no space left on the device while saving the checkpoint of '
+      f'step 20 in {checkpointing.checkpoint_dir(workdir)}. The earlier '
+      'checkpoints are kept and readable (steps: [10]); free some space and '
+      'run the same command again to resume from the latest.'], proc.stderr
+  assert proc.returncode == 2
+  assert 'Traceback' not in proc.stderr + proc.stdout
+  manager = checkpointing.create_manager(
+      checkpointing.checkpoint_dir(workdir), read_only=True)
+  assert manager.all_steps() == [10]
+  assert int(checkpointing.restore_items(
+      manager, 10, checkpointing.abstract_like(
+          {'step': jax.numpy.zeros((), 'int32')}), partial=True
+  ).state['step']) == 10
+  manager.close()

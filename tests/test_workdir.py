@@ -9,22 +9,9 @@ import sys
 import pytest
 
 from conftest import ROOT
+from conftest import hold_lock
 from mnist_jax import workdir
 from mnist_jax.errors import UserError
-
-_HOLD = ('import sys; from mnist_jax import workdir\n'
-         'with workdir.lock(sys.argv[1]):\n'
-         '  print("locked", flush=True); sys.stdin.read()\n')
-
-
-def hold_lock(path):
-  """A process holding `path`'s lock until its stdin closes (or it dies)."""
-  env = dict(os.environ, PYTHONPATH=ROOT)
-  proc = subprocess.Popen([sys.executable, '-c', _HOLD, path], env=env,
-                          stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                          text=True)
-  assert proc.stdout.readline().strip() == 'locked'
-  return proc
 
 
 def test_second_process_is_refused_and_told_who_holds_it(tmp_path):

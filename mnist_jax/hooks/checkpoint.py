@@ -10,6 +10,7 @@ picked up); `on_train_end` waits for them.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import signal
@@ -24,7 +25,8 @@ from mnist_jax.errors import CheckpointError, NonFiniteLossError
 from mnist_jax.hooks import base
 
 # Test-only fault injection for the subprocess fault tests, '<kind>:<step>'
-# with kind one of kill_in_step, kill_in_save, kill_after_save, term.
+# with kind one of kill_in_step, kill_in_save, kill_after_save, term,
+# disk_full (the save of that step fails with ENOSPC).
 _FAULT_ENV = 'MNIST_JAX_TEST_FAULT'
 
 
@@ -121,6 +123,7 @@ class CheckpointHook(base.Hook):
               'devices': f'{jax.device_count()} x '
                          f'{jax.devices()[0].device_kind}'}
     with self._disk_full_is_a_user_error(step):
+      self._maybe_inject('disk_full', step)
       self.last_saved = checkpointing.save(self.manager, step, state,
                                            run.config, record)
     self._saved_step = step
@@ -159,6 +162,8 @@ class CheckpointHook(base.Hook):
           'again to resume from the latest.') from None
 
   def _maybe_inject(self, kind, step):
+    if self._fault == (kind, step) and kind == 'disk_full':
+      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     if self._fault == (kind, step):
       if kind == 'kill_in_step':
         # Deterministic: the earlier async save has landed; only the step

@@ -128,8 +128,9 @@ def restore_items(manager, step: int, abstract: dict[str, Any] | None = None,
 
 
 def warn(message: str) -> None:
-  """A warning in the log and, on the lead process, on stderr."""
-  logging.warning('%s', message)
+  """A warning on stderr (lead process) and, at INFO, in the log file (the
+  console shows log warnings too, so it is not logged as one)."""
+  logging.info('Warning: %s', message)
   parallel.say(f'Warning: {message}', file=sys.stderr)
 
 

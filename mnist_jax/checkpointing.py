@@ -373,7 +373,8 @@ class CheckpointHook(train.Hook):
   def on_epoch_end(self, ctx, epoch, step, state, record):
     self.history.append(record)
     every = ctx.config.checkpoint_every_steps
-    if every == 0 or step % every == 0 or step == ctx.total_steps:
+    if (every == 0 or step % every == 0 or step == ctx.total_steps
+        or ctx.stop_requested):
       self.save(ctx, step, state, metrics=record,
                 reason='final' if step == ctx.total_steps else 'periodic')
 

@@ -443,14 +443,22 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Context:
             (('init', _INIT), ('dropout', _DROPOUT), ('data', _DATA))})
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       hooks: list[Hook] | None = None) -> dict[str, Any]:
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str,
+    hooks: list[Hook] | None = None,
+    on_epoch: Callable[[dict[str, Any]], bool | None] | None = None
+) -> dict[str, Any]:
   """Trains the tutorial's CNN as configured and evaluates it every epoch.
 
   Args:
     config: the run's hyperparameters (see configs/default.py).
     workdir: where metrics.json, checkpoints and summaries go.
     hooks: what runs around training; default `default_hooks(config)`.
+    on_epoch: called on process 0 with each epoch's record after its
+      evaluation, before the hooks' `on_epoch_end`; returning True stops the
+      run there: that epoch's checkpoint is saved and the result has
+      `stopped_early: True` (sweeps' early stopping). After the last epoch
+      it changes nothing.
 
   Returns:
     The metrics written to `<workdir>/metrics.json`: per-epoch records and the
@@ -473,7 +481,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   result = None
   try:
-    state, history = _train_loop(ctx, state, hooks)
+    state, history = _train_loop(ctx, state, hooks, on_epoch)
     final = {k: v for k, v in history[-1].items()
              if k.startswith(('validation_', 'test_'))} if history else {}
     result = {'config': config.to_dict(), 'epochs': history, 'final': final,
@@ -491,7 +499,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   return result
 
 
-def _train_loop(ctx: Context, state: TrainState, hooks: list[Hook]):
+def _train_loop(ctx: Context, state: TrainState, hooks: list[Hook],
+                on_epoch=None):
   """Epochs of dispatches of steps, with evaluation at epoch ends."""
   config = ctx.config
   num_train = len(ctx.data.train)
@@ -561,8 +570,15 @@ def _train_loop(ctx: Context, state: TrainState, hooks: list[Hook]):
     history.append(record)
     if jax.process_index() == 0:  # other processes hold the same numbers
       print(_epoch_line(record), flush=True)
+      # Single-process only here: several processes would have to agree.
+      # After the last epoch there is nothing left to stop.
+      if (on_epoch is not None and on_epoch(dict(record))
+          and step < ctx.total_steps):
+        ctx.stop_requested = True  # the checkpoint hook saves this epoch
     for hook in hooks:
       hook.on_epoch_end(ctx, epoch + 1, step, state, record)
+    if ctx.stop_requested:
+      return state, history
   return state, history
 
 

@@ -1,0 +1,107 @@
+"""One sweep point as a Ray Tune trial: `train_and_evaluate` in its workdir.
+
+`PointTrainable` is Tune's view of a point: every `step()` is one epoch.
+Training runs in a thread of the trial's process and hands each epoch's
+record over in `train_and_evaluate`'s `on_epoch` callback, then waits: the
+next `step()` lets it go on, while Tune stopping the trial (the early-stopping
+rule, or an interrupted sweep) makes `on_epoch` return True, so the point
+saves a checkpoint and returns cleanly. A retried or re-run point resumes
+from its own checkpoints in `<W>/<point name>`.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+from typing import Any
+
+import ml_collections
+from ray import tune
+
+from mnist_jax import sweep_results
+from mnist_jax import tf_setup
+from mnist_jax import train
+
+# Keys of every result a trial reports to Tune (besides Tune's own).
+POINT_KEY = 'point'  # the point's name; its one search-space parameter
+STATUS_KEY = 'point_status'  # 'running', or 'done'/'stopped early' at the end
+EPOCH_KEY = 'epoch'  # the early-stopping rules' clock
+METRIC = 'validation_accuracy'  # what they compare; never the test accuracy
+
+
+class PointTrainable(tune.Trainable):
+  """Trains one point, an epoch per `step()`; see the module docstring."""
+
+  def setup(self, config: dict[str, Any], *,
+            plan: dict[str, tuple[dict[str, Any], str]], cwd: str):
+    """Args: config: {POINT_KEY: name}; plan: {name: (its config as a dict,
+    its workdir)}; cwd: the sweep's working directory, for relative paths
+    in the config (where it exists on this node)."""
+    self._name = config[POINT_KEY]
+    config_dict, self._workdir = plan[self._name]
+    self._config = ml_collections.ConfigDict(config_dict)
+    if os.path.isdir(cwd):
+      os.chdir(cwd)  # Tune starts trials in their own log folder.
+    self._records: queue.Queue = queue.Queue()  # training -> step()
+    self._go: queue.Queue = queue.Queue()  # step() -> training: stop?
+    self._thread: threading.Thread | None = None
+    self._start = time.time()
+    self._seen: list[dict[str, Any]] = []
+
+  def _on_epoch(self, record: dict[str, Any]) -> bool:
+    self._records.put(('epoch', record))
+    return self._go.get()  # Until Tune asks for another epoch, or stops.
+
+  def _train(self):
+    try:
+      result = train.train_and_evaluate(self._config, self._workdir,
+                                        on_epoch=self._on_epoch)
+      self._records.put(('end', result))
+    except BaseException as e:  # pylint: disable=broad-except
+      self._records.put(('error', e))
+
+  def step(self) -> dict[str, Any]:
+    if self._thread is None:
+      tf_setup.hide_accelerators_from_tf()
+      self._thread = threading.Thread(target=self._train, daemon=True,
+                                      name=f'train {self._name}')
+      self._thread.start()
+    else:
+      self._go.put(False)  # Tune wants the next epoch.
+    kind, value = self._records.get()
+    if kind == 'epoch' and self._is_last(value):
+      # No rule acts on the last epoch: the run finishes (metrics.json) and
+      # its report is the whole run's, resumed epochs included.
+      self._go.put(False)
+      kind, value = self._records.get()
+    if kind == 'error':
+      raise value  # Tune records the trial as failed with this error.
+    if kind == 'epoch':
+      self._seen.append(value)
+      summary = sweep_results.summarize({'epochs': self._seen,
+                                         'step': value['step']})
+      return {**value, **summary, STATUS_KEY: 'running',
+              'wall_seconds': time.time() - self._start}
+    return self._finish(value)
+
+  def _is_last(self, record: dict[str, Any]) -> bool:
+    limit = self._config.num_train_steps
+    return (record['epoch'] >= self._config.num_epochs
+            or 0 < limit <= record['step'])
+
+  def _finish(self, result: dict[str, Any]) -> dict[str, Any]:
+    """The last report: the whole run's summary (resumed epochs included)."""
+    status = (sweep_results.STOPPED if result.get('stopped_early')
+              else sweep_results.DONE)
+    last = result['epochs'][-1] if result['epochs'] else {}
+    return {**last, **sweep_results.summarize(result),
+            'wall_seconds': time.time() - self._start, STATUS_KEY: status,
+            'done': True}
+
+  def cleanup(self):
+    """Tune stops the trial: the training stops after saving a checkpoint."""
+    if self._thread is not None and self._thread.is_alive():
+      self._go.put(True)
+      self._thread.join()

@@ -33,7 +33,6 @@ from mnist_jax.errors import ConfigError
 from mnist_jax.errors import UserError
 
 try:  # Ray is an optional extra; without it `--sweep` says what to install.
-  from ray import cloudpickle
   import ray
   from ray import tune
   from ray.tune import logger as tune_logger
@@ -150,56 +149,6 @@ def check_same_sweep(workdir: str, spec: dict[str, Any]) -> None:
 
 # -------------------------------------------------------------- running
 
-class _OnPointEnd(tune.Callback if ray else object):
-  """On the driver, as each point finishes, stops early or fails: prints a
-  line and writes the point's HParams (see `sweep_results`)."""
-
-  def __init__(self, workdir: str, overrides: dict[str, dict[str, Any]]):
-    self.workdir, self.overrides, self.count = workdir, overrides, 0
-
-  def _say(self, trial, what: str):
-    self.count += 1
-    print(f'[{self.count}/{len(self.overrides)}] '
-          f'{trial.config[sweep_trial.POINT_KEY]}: {what}', flush=True)
-
-  def on_trial_complete(self, iteration, trials, trial, **info):
-    del iteration, trials, info
-    r = trial.last_result or {}
-    acc = r.get('best_validation_accuracy')
-    acc = f', best validation accuracy {acc:.2%}' if acc is not None else ''
-    if r.get(sweep_trial.STATUS_KEY) == sweep_results.DONE:
-      self._say(trial, f'done in {r["wall_seconds"]:.0f} s{acc}')
-    else:
-      self._say(trial, f'stopped early after epoch {r.get("epoch")}{acc}')
-    name = trial.config[sweep_trial.POINT_KEY]
-    sweep_results.write_point_hparams(os.path.join(self.workdir, name),
-                                      self.overrides[name], r)
-
-  def on_trial_error(self, iteration, trials, trial, **info):
-    del iteration, trials, info
-    self._say(trial, f'FAILED: {_describe(trial, running=True)}')
-
-
-def _describe(trial, *, running: bool = False) -> str:
-  """One line for a failed trial's error: the point's own exception.
-
-  While Tune runs (`running`), a fresh error is only in its local staging
-  copy; afterwards it is in the experiment's folder.
-  """
-  error = None
-  if running and os.path.exists(trial.pickled_error_file or ''):
-    with open(trial.pickled_error_file, 'rb') as f:
-      error = cloudpickle.load(f)
-  error = error or trial.get_pickled_error() or trial.get_error()
-  cause = getattr(error, 'cause', None) or error  # RayTaskError wraps it.
-  if isinstance(cause, BaseException):
-    text = f'{type(cause).__name__}: {cause}'
-  else:
-    text = str(cause)
-  lines = [l.strip() for l in text.splitlines() if l.strip()]
-  return lines[0] if lines else 'unknown error'
-
-
 def _tuner(plan, workdir: str, early_stopping, *, parallel: int,
            max_failures: int):
   trainable = tune.with_resources(
@@ -211,7 +160,7 @@ def _tuner(plan, workdir: str, early_stopping, *, parallel: int,
   path = os.path.join(workdir, EXPERIMENT)
   # Tune's JSON and CSV logs, not its TensorBoard files: those would show
   # up in `tensorboard --logdir <workdir>` beside the points' own.
-  callbacks = [_OnPointEnd(workdir, {n: p for n, p, _ in plan}),
+  callbacks = [sweep_trial.PointEnd(workdir, {n: p for n, p, _ in plan}),
                tune_logger.JsonLoggerCallback(),
                tune_logger.CSVLoggerCallback()]
   run_config = tune.RunConfig(
@@ -251,7 +200,7 @@ def _rows(plan, workdir: str) -> list[dict[str, Any]]:
     if trial is None or trial.status not in ('TERMINATED', 'ERROR'):
       status, error = sweep_results.PENDING, ''
     elif trial.status == 'ERROR':
-      status, error = sweep_results.FAILED, _describe(trial)
+      status, error = sweep_results.FAILED, sweep_trial.describe_error(trial)
     elif last.get(sweep_trial.STATUS_KEY) == sweep_results.DONE:
       status, error = sweep_results.DONE, ''
     else:  # Terminated by Tune before its last epoch: the scheduler's rule.

@@ -7,6 +7,9 @@ next `step()` lets it go on, while Tune stopping the trial (the early-stopping
 rule, or an interrupted sweep) makes `on_epoch` return True, so the point
 saves a checkpoint and returns cleanly. A retried or re-run point resumes
 from its own checkpoints in `<W>/<point name>`.
+
+`PointEnd`, a Tune callback on the sweep's driver, reports each point as it
+ends and writes its TensorBoard HParams.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import time
 from typing import Any
 
 import ml_collections
+import ray
+from ray import cloudpickle
 from ray import tune
 
 from mnist_jax import sweep_results
@@ -49,6 +54,7 @@ class PointTrainable(tune.Trainable):
     self._thread: threading.Thread | None = None
     self._start = time.time()
     self._seen: list[dict[str, Any]] = []
+    self._node = ray.get_runtime_context().get_node_id()  # Where it ran.
 
   def _on_epoch(self, record: dict[str, Any]) -> bool:
     self._records.put(('epoch', record))
@@ -82,7 +88,7 @@ class PointTrainable(tune.Trainable):
       self._seen.append(value)
       summary = sweep_results.summarize({'epochs': self._seen,
                                          'step': value['step']})
-      return {**value, **summary, STATUS_KEY: 'running',
+      return {**value, **summary, STATUS_KEY: 'running', 'node_id': self._node,
               'wall_seconds': time.time() - self._start}
     return self._finish(value)
 
@@ -98,10 +104,62 @@ class PointTrainable(tune.Trainable):
     last = result['epochs'][-1] if result['epochs'] else {}
     return {**last, **sweep_results.summarize(result),
             'wall_seconds': time.time() - self._start, STATUS_KEY: status,
-            'done': True}
+            'node_id': self._node, 'done': True}
 
   def cleanup(self):
     """Tune stops the trial: the training stops after saving a checkpoint."""
     if self._thread is not None and self._thread.is_alive():
       self._go.put(True)
       self._thread.join()
+
+
+# ------------------------------------------------------- on the driver
+
+class PointEnd(tune.Callback):
+  """On the driver, as each point finishes, stops early or fails: prints a
+  line and writes the point's HParams (see `sweep_results`)."""
+
+  def __init__(self, workdir: str, overrides: dict[str, dict[str, Any]]):
+    self.workdir, self.overrides, self.count = workdir, overrides, 0
+
+  def _say(self, trial, what: str):
+    self.count += 1
+    print(f'[{self.count}/{len(self.overrides)}] '
+          f'{trial.config[POINT_KEY]}: {what}', flush=True)
+
+  def on_trial_complete(self, iteration, trials, trial, **info):
+    del iteration, trials, info
+    r = trial.last_result or {}
+    acc = r.get('best_validation_accuracy')
+    acc = f', best validation accuracy {acc:.2%}' if acc is not None else ''
+    if r.get(STATUS_KEY) == sweep_results.DONE:
+      self._say(trial, f'done in {r["wall_seconds"]:.0f} s{acc}')
+    else:
+      self._say(trial, f'stopped early after epoch {r.get("epoch")}{acc}')
+    name = trial.config[POINT_KEY]
+    sweep_results.write_point_hparams(os.path.join(self.workdir, name),
+                                      self.overrides[name], r)
+
+  def on_trial_error(self, iteration, trials, trial, **info):
+    del iteration, trials, info
+    self._say(trial, f'FAILED: {describe_error(trial, running=True)}')
+
+
+def describe_error(trial, *, running: bool = False) -> str:
+  """One line for a failed trial's error: the point's own exception.
+
+  While Tune runs (`running`), a fresh error is only in its local staging
+  copy; afterwards it is in the experiment's folder.
+  """
+  error = None
+  if running and os.path.exists(trial.pickled_error_file or ''):
+    with open(trial.pickled_error_file, 'rb') as f:
+      error = cloudpickle.load(f)
+  error = error or trial.get_pickled_error() or trial.get_error()
+  cause = getattr(error, 'cause', None) or error  # RayTaskError wraps it.
+  if isinstance(cause, BaseException):
+    text = f'{type(cause).__name__}: {cause}'
+  else:
+    text = str(cause)
+  lines = [l.strip() for l in text.splitlines() if l.strip()]
+  return lines[0] if lines else 'unknown error'

@@ -11,6 +11,7 @@ import pytest
 from ray.tune import schedulers
 
 from configs import sweep_lr
+from configs import sweep_search
 from mnist_jax import sweep
 from mnist_jax import sweep_results
 from mnist_jax import sweep_run
@@ -102,6 +103,12 @@ def test_shipped_sweep_is_valid():
     assert ('initial_learning_rate=0.001,batch_size=512'
             in [name for name, _, _ in plan])
   assert len(sweep_lr.get_sweep()) == 9
+  for arg, n in ((None, 12), ('quick', 6)):
+    spec = sweep.load_sweep(os.path.join(
+        ROOT, 'configs/sweep_search.py' + (f':{arg}' if arg else '')))
+    assert len(sweep.validate_sweep(sweep_search.get_config(arg),
+                                    spec.points)) == n
+    assert spec.early_stopping.rule == 'asha'
 
 
 def test_load_sweep_needs_get_sweep():

@@ -304,7 +304,13 @@ def run_from_file(config_filename: str, config: ml_collections.ConfigDict,
   # checkpoint, and records the experiment for the re-run.
   signal.signal(signal.SIGTERM,
                 lambda *_: os.kill(os.getpid(), signal.SIGINT))
-  rows = run_sweep(config, sweep, workdir, parallel=parallel, address=address)
+  try:
+    rows = run_sweep(config, sweep, workdir, parallel=parallel,
+                     address=address)
+  except KeyboardInterrupt:  # Before Tune took over Ctrl-C.
+    print('Sweep interrupted; run the same command again to resume it.',
+          file=sys.stderr, flush=True)
+    return EXIT_INTERRUPTED
   with open(os.path.join(workdir, sweep_results.MD_FILE)) as f:
     print('\n' + f.read(), flush=True)
   pending = [r['point'] for r in rows if r['status'] == sweep_results.PENDING]

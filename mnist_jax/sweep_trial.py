@@ -85,6 +85,8 @@ class PointTrainable(tune.Trainable):
     if kind == 'error':
       raise value  # Tune records the trial as failed with this error.
     if kind == 'epoch':
+      # The best so far of this attempt's epochs (a resumed point's earlier
+      # ones are in its checkpoint); the last report covers the whole run.
       self._seen.append(value)
       summary = sweep_results.summarize({'epochs': self._seen,
                                          'step': value['step']})
@@ -99,12 +101,13 @@ class PointTrainable(tune.Trainable):
 
   def _finish(self, result: dict[str, Any]) -> dict[str, Any]:
     """The last report: the whole run's summary (resumed epochs included)."""
-    status = (sweep_results.STOPPED if result.get('stopped_early')
-              else sweep_results.DONE)
+    if result.get('stopped_early'):  # Not asked to (that is `cleanup`).
+      raise RuntimeError('The point was pre-empted after saving a checkpoint;'
+                         ' its retry resumes from it.')
     last = result['epochs'][-1] if result['epochs'] else {}
     return {**last, **sweep_results.summarize(result),
-            'wall_seconds': time.time() - self._start, STATUS_KEY: status,
-            'node_id': self._node, 'done': True}
+            'wall_seconds': time.time() - self._start,
+            STATUS_KEY: sweep_results.DONE, 'node_id': self._node, 'done': True}
 
   def cleanup(self):
     """Tune stops the trial: the training stops after saving a checkpoint."""

@@ -16,6 +16,9 @@ import time
 
 import pytest
 import ray
+from tensorboard.backend.event_processing import event_accumulator
+from tensorboard.plugins.hparams import metadata
+import tensorflow as tf
 
 from mnist_jax import sweep
 from mnist_jax import sweep_run
@@ -60,23 +63,40 @@ def _results(workdir, name):
     return [json.loads(line) for line in f]
 
 
+def _hparams(logdir):
+  """A run's HParams session (hyperparameters) and its best validation
+  accuracy, as TensorBoard's HParams dashboard reads them."""
+  acc = event_accumulator.EventAccumulator(
+      logdir, size_guidance={event_accumulator.TENSORS: 0})
+  acc.Reload()
+  info = metadata.parse_session_start_info_plugin_data(
+      acc.PluginTagToContent('hparams')[metadata.SESSION_START_INFO_TAG])
+  best = acc.Tensors('sweep/best_validation_accuracy')[-1].tensor_proto
+  return ({k: v.number_value for k, v in info.hparams.items()},
+          float(tf.make_ndarray(best)))
+
+
 @pytest.mark.slow
-def test_embedded_sweep_stops_early_records_failure_and_reruns(idx_dir,
-                                                               tmp_path):
+def test_embedded_sweep_stops_early_records_failure_and_reruns(
+    idx_dir, tmp_path, monkeypatch, capfd):
   config_file = tmp_path / 'tiny_sweep.py'
   config_file.write_text(_CONFIG_FILE.format(
       tests=os.path.join(ROOT, 'tests'), data=idx_dir))
   workdir = str(tmp_path / 'w')
-  command = [sys.executable, 'launch.py', '--config', str(config_file),
-             '--sweep', '--workdir', workdir, '--config.weight_decay=0']
-  env = dict(os.environ)
-  env.pop('RAY_ADDRESS', None)
-  proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True,
-                        text=True, timeout=300)
-  out = proc.stdout + proc.stderr
-  assert proc.returncode == 1, out
+  # The first run in this process (no start-up of launch.py), with the
+  # config launch.py makes of the file and its override.
+  sys.path.insert(0, str(tmp_path))
+  try:
+    import tiny_sweep  # pylint: disable=g-import-not-at-top
+  finally:
+    sys.path.remove(str(tmp_path))
+  config = tiny_sweep.get_config()
+  config.weight_decay = 0.0
+  monkeypatch.delenv('RAY_ADDRESS', raising=False)
+  sweep_run.run_sweep(config, tiny_sweep.get_sweep(), workdir)
+  out = capfd.readouterr().out
   assert 'Ray: embedded, 1 node(s)' in out
-  assert '1 of 3 points failed (batch_size=1024)' in proc.stderr
+  assert '[3/3]' in out  # A line per point as it ends.
   rows = _csv(workdir)
   good, bad = 'initial_learning_rate=0.001', 'initial_learning_rate=1e-07'
   assert [r['status'] for r in rows.values()] == [
@@ -98,18 +118,25 @@ def test_embedded_sweep_stops_early_records_failure_and_reruns(idx_dir,
   # Tune's state and logs are in the workdir; HParams for both runs.
   assert glob.glob(os.path.join(workdir, 'ray_tune', 'experiment_state*'))
   assert [r['epoch'] for r in _results(workdir, good)] == [1, 2]
-  for name in (good, bad):
-    assert glob.glob(os.path.join(workdir, name, 'events.out.tfevents.*'))
-  assert '[3/3]' in out and '| 1 | 0.001 |' in out  # Progress and table.
+  for name in (good, bad):  # Each ended point's HParams session.
+    hparams, best = _hparams(os.path.join(workdir, name))
+    assert hparams == {'initial_learning_rate': float(
+        rows[name]['initial_learning_rate'])}
+    assert best == pytest.approx(float(rows[name]['best_validation_accuracy']))
 
-  # Re-running skips the finished and stopped points: only the failed one
-  # runs again (and fails again).
+  # Re-running (through launch.py) skips the finished and stopped points:
+  # only the failed one runs again, fails again, and the exit status says so.
   before = {n: os.path.getmtime(os.path.join(workdir, n, 'checkpoints'))
             for n in (good, bad)}
-  proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True,
-                        text=True, timeout=300)
+  proc = subprocess.run(
+      [sys.executable, 'launch.py', '--config', str(config_file), '--sweep',
+       '--workdir', workdir, '--config.weight_decay=0'],
+      cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 1, proc.stdout + proc.stderr
   assert 'Continuing the sweep' in proc.stdout
+  assert 'batch_size=1024: FAILED: ConfigError' in proc.stdout
+  assert '| 1 | 0.001 |  | 100.00% |' in proc.stdout  # The table.
+  assert '1 of 3 points failed (batch_size=1024)' in proc.stderr
   assert 'Resuming' not in proc.stdout
   assert before == {n: os.path.getmtime(os.path.join(workdir, n,
                                                      'checkpoints'))

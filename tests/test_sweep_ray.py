@@ -77,25 +77,24 @@ def _hparams(logdir):
 
 
 @pytest.mark.slow
-def test_embedded_sweep_stops_early_records_failure_and_reruns(
-    idx_dir, tmp_path, monkeypatch, capfd):
+def test_embedded_sweep_stops_early_records_failure_and_reruns(idx_dir,
+                                                               tmp_path):
   config_file = tmp_path / 'tiny_sweep.py'
   config_file.write_text(_CONFIG_FILE.format(
       tests=os.path.join(ROOT, 'tests'), data=idx_dir))
   workdir = str(tmp_path / 'w')
-  # The first run in this process (no start-up of launch.py), with the
-  # config launch.py makes of the file and its override.
-  sys.path.insert(0, str(tmp_path))
-  try:
-    import tiny_sweep  # pylint: disable=g-import-not-at-top
-  finally:
-    sys.path.remove(str(tmp_path))
-  config = tiny_sweep.get_config()
-  config.weight_decay = 0.0
-  monkeypatch.delenv('RAY_ADDRESS', raising=False)
-  sweep_run.run_sweep(config, tiny_sweep.get_sweep(), workdir)
-  out = capfd.readouterr().out
+  command = [sys.executable, 'launch.py', '--config', str(config_file),
+             '--sweep', '--workdir', workdir, '--config.weight_decay=0']
+  env = dict(os.environ)
+  env.pop('RAY_ADDRESS', None)
+  # In its own process: Ray's settings (e.g. its token authentication) stay
+  # out of this one, which the cluster test connects from.
+  proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True,
+                        text=True, timeout=300)
+  out = proc.stdout + proc.stderr
+  assert proc.returncode == 1, out
   assert 'Ray: embedded, 1 node(s)' in out
+  assert '1 of 3 points failed (batch_size=1024)' in proc.stderr
   assert '[3/3]' in out  # A line per point as it ends.
   rows = _csv(workdir)
   good, bad = 'initial_learning_rate=0.001', 'initial_learning_rate=1e-07'
@@ -124,14 +123,12 @@ def test_embedded_sweep_stops_early_records_failure_and_reruns(
         rows[name]['initial_learning_rate'])}
     assert best == pytest.approx(float(rows[name]['best_validation_accuracy']))
 
-  # Re-running (through launch.py) skips the finished and stopped points:
-  # only the failed one runs again, fails again, and the exit status says so.
+  # Re-running skips the finished and stopped points: only the failed one
+  # runs again, fails again, and the exit status says so.
   before = {n: os.path.getmtime(os.path.join(workdir, n, 'checkpoints'))
             for n in (good, bad)}
-  proc = subprocess.run(
-      [sys.executable, 'launch.py', '--config', str(config_file), '--sweep',
-       '--workdir', workdir, '--config.weight_decay=0'],
-      cwd=ROOT, capture_output=True, text=True, timeout=300)
+  proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True,
+                        text=True, timeout=300)
   assert proc.returncode == 1, proc.stdout + proc.stderr
   assert 'Continuing the sweep' in proc.stdout
   assert 'batch_size=1024: FAILED: ConfigError' in proc.stdout

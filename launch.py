@@ -42,10 +42,15 @@ flags.DEFINE_string(
     'workdir', None, 'Where checkpoints, summaries and metrics go. Default: '
     'runs/<config file name>[_<config arg>].')
 flags.DEFINE_bool(
-    'sweep', False, "Run the config file's sweep (its get_sweep()): every "
-    'point in <workdir>/<its overrides>; re-running skips finished points.')
-flags.DEFINE_integer('sweep_parallel', 1,
-                     'With --sweep: how many points run at once (processes).')
+    'sweep', False, "Run the config file's sweep (its get_sweep()) on Ray: "
+    'every point in <workdir>/<its overrides>; re-running skips finished '
+    'points.')
+flags.DEFINE_integer(
+    'sweep_parallel', 1, 'With --sweep: points per machine (CPU-only) or per '
+    'GPU sharing it; see docs/sweeps.md.')
+flags.DEFINE_string(
+    'sweep_address', None, 'With --sweep: the Ray cluster to run the points '
+    'on (host:port); default $RAY_ADDRESS, else Ray embedded in this run.')
 flags.DEFINE_enum(
     'mode', 'train', ['train', 'eval', 'info', 'predict'],
     'train: train (resuming from <workdir>/checkpoints if any); eval: '
@@ -97,9 +102,10 @@ def main(argv):
       from mnist_jax import sweep_run  # pylint: disable=g-import-not-at-top
       sys.exit(sweep_run.run_from_file(flags.FLAGS['config'].config_filename,
                                        FLAGS.config, workdir,
-                                       parallel=FLAGS.sweep_parallel))
-    if FLAGS.sweep_parallel != 1:
-      raise UserError('--sweep_parallel needs --sweep.')
+                                       parallel=FLAGS.sweep_parallel,
+                                       address=FLAGS.sweep_address))
+    if FLAGS.sweep_parallel != 1 or FLAGS.sweep_address:
+      raise UserError('--sweep_parallel and --sweep_address need --sweep.')
     if FLAGS.mode == 'predict':
       from mnist_jax import predict  # pylint: disable=g-import-not-at-top
       sys.exit(predict.run(FLAGS.config, workdir, FLAGS.image + argv[1:]))

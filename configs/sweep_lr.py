@@ -7,7 +7,7 @@ The full grid (9 points of the default 20-epoch run), each point in
   python launch.py --config configs/sweep_lr.py --sweep --workdir runs/sweep_lr
 
 A short version (2 x 2 points, 1 epoch each) that fits a busy laptop; its
-measured table is in README "Config sweeps":
+measured table (Ray vs the earlier process-pool runner) is in docs/sweeps.md:
 
   python launch.py --config configs/sweep_lr.py:quick --sweep \
       --workdir runs/sweep_lr_quick
@@ -17,8 +17,10 @@ point): best validation accuracy 97.4-98.2% after one epoch, ranked first
 initial_learning_rate=0.003,batch_size=512 (98.24%; test 98.39%).
 
 Every `--config.*` override applies to all points (e.g. `--config.data.source=
-idx --config.data.dir=MNIST_data`); `--sweep_parallel=N` runs N points at once.
-Without `--sweep` this file trains the default config.
+idx --config.data.dir=MNIST_data`); the points run as Ray Tune trials, on this
+machine or on a Ray cluster (`RAY_ADDRESS`, docs/sweeps.md); `--sweep_parallel=N`
+runs N points per machine. Without `--sweep` this file trains the default
+config.
 """
 
 import ml_collections

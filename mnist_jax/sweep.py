@@ -1,29 +1,39 @@
-"""Config sweeps: defining a grid of overrides and checking it up front.
+"""Config sweeps: which points to run, how to stop them early, validation.
 
-A config file may define, beside `get_config`, a `get_sweep()` returning a list
-of *points*: dicts of overrides with dotted keys, e.g.
+A config file may define, beside `get_config`, a `get_sweep()` returning one of
 
-  def get_sweep(arg=None):
-    return sweep.product({'initial_learning_rate': [0.001, 0.003],
-                          'batch_size': [256, 512]})
+* a list of *points*: dicts of overrides with dotted keys, e.g. a grid
+  `sweep.product({'initial_learning_rate': [0.001, 0.003],
+  'batch_size': [256, 512]})` (`product`, `zipped` and `cross` build them);
+* a search space, `sweep.Random({'initial_learning_rate':
+  sweep.loguniform(1e-4, 1e-2), 'batch_size': sweep.choice([128, 512])},
+  num_samples=8)`: quasi-random (Halton) or random samples, drawn here from a
+  seed so that the points are known, validated and named before anything runs;
+* a `sweep.Sweep(points_or_space, early_stopping=sweep.EarlyStopping(...))`
+  to stop hopeless points early on their validation accuracy (ASHA or the
+  median rule).
 
-`product`, `zipped` and `cross` build such lists; `validate_sweep` applies every
-point to a copy of the config and checks it (known keys, matching types,
-`config_lib.validate`) before anything runs. Running the points is
-`sweep_run`'s job; the results tables are `sweep_results`'.
+`validate_sweep` applies every point to a copy of the config and checks it
+(known keys, matching types, `config_lib.validate`) before anything runs.
+Running the points on Ray is `sweep_run`'s job; the tables are
+`sweep_results`'.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import hashlib
 import importlib.util
 import itertools
+import math
 import os
 import re
 from typing import Any, Iterable, Mapping, Sequence
 
 import ml_collections
+import numpy as np
+from scipy.stats import qmc
 
 from mnist_jax import config_lib
 from mnist_jax.errors import ConfigError
@@ -96,6 +106,161 @@ def cross(*sweeps: Sequence[Point]) -> list[Point]:
   return points
 
 
+# ------------------------------------------------------------ search spaces
+
+@dataclasses.dataclass(frozen=True)
+class Distribution:
+  """Values of one axis of a search space; see `uniform` and friends.
+
+  A sample is drawn from a number `u` in [0, 1): `low + u * (high - low)`
+  (on a log scale if `log`), rounded to an int if `integer`, or
+  `values[int(u * len(values))]` for a choice.
+  """
+  low: float = 0.0
+  high: float = 1.0
+  log: bool = False
+  integer: bool = False
+  values: tuple[Any, ...] = ()
+
+  def sample(self, u: float) -> Any:
+    if self.values:
+      return self.values[min(int(u * len(self.values)), len(self.values) - 1)]
+    if self.integer:  # low..high inclusive, each equally likely
+      return int(min(self.low + math.floor(u * (self.high - self.low + 1)),
+                     self.high))
+    if self.log:
+      value = math.exp(math.log(self.low)
+                       + u * (math.log(self.high) - math.log(self.low)))
+    else:
+      value = self.low + u * (self.high - self.low)
+    return float(f'{value:.3g}')  # Short names; 3 digits are plenty.
+
+
+def uniform(low: float, high: float) -> Distribution:
+  """Floats uniform in [low, high), rounded to 3 significant digits."""
+  return _checked(Distribution(float(low), float(high)))
+
+
+def loguniform(low: float, high: float) -> Distribution:
+  """Floats uniform on a log scale in [low, high) (learning rates)."""
+  return _checked(Distribution(float(low), float(high), log=True))
+
+
+def randint(low: int, high: int) -> Distribution:
+  """Integers from low to high, both included."""
+  return _checked(Distribution(low, high, integer=True))
+
+
+def choice(values: Sequence[Any]) -> Distribution:
+  """One of `values`, each equally likely."""
+  if isinstance(values, (str, bytes)) or not values:
+    raise ConfigError(f'choice() needs a non-empty list, got {values!r}.')
+  return Distribution(values=tuple(values))
+
+
+def _checked(d: Distribution) -> Distribution:
+  empty = d.low > d.high if d.integer else d.low >= d.high
+  if empty:
+    raise ConfigError(f'Search range [{d.low}, {d.high}] is empty.')
+  if d.log and d.low <= 0:
+    raise ConfigError(f'loguniform() needs low > 0, got {d.low}.')
+  if d.integer and not all(isinstance(v, int) for v in (d.low, d.high)):
+    raise ConfigError(f'randint() needs ints, got {d.low!r}, {d.high!r}.')
+  return d
+
+
+@dataclasses.dataclass(frozen=True)
+class Random:
+  """A search space sampled `num_samples` times.
+
+  Attributes:
+    axes: {dotted config key: `Distribution` or a fixed list (a choice)}.
+    num_samples: how many points.
+    seed: the samples are a pure function of it: re-running a sweep finds
+      the same points, so it resumes them.
+    quasi: scrambled Halton points, which cover the space more evenly than
+      independent random draws; False draws independently.
+  """
+  axes: Mapping[str, Distribution | Sequence[Any]]
+  num_samples: int
+  seed: int = 0
+  quasi: bool = True
+
+  def points(self) -> list[Point]:
+    """The samples, in draw order, as points (keys in axis order)."""
+    if not isinstance(self.num_samples, int) or self.num_samples < 1:
+      raise ConfigError(f'Random(num_samples={self.num_samples!r}): must be '
+                        'a positive integer.')
+    if not self.axes:
+      raise ConfigError('Random() needs at least one axis.')
+    axes = {k: v if isinstance(v, Distribution) else choice(v)
+            for k, v in self.axes.items()}
+    if self.quasi:
+      u = qmc.Halton(d=len(axes), scramble=True,
+                     seed=self.seed).random(self.num_samples)
+    else:
+      u = np.random.default_rng(self.seed).random((self.num_samples,
+                                                   len(axes)))
+    return [{k: d.sample(float(x)) for (k, d), x in zip(axes.items(), row)}
+            for row in u]
+
+
+# ---------------------------------------------------------- early stopping
+
+EARLY_STOPPING_RULES = ('asha', 'median')
+
+
+@dataclasses.dataclass(frozen=True)
+class EarlyStopping:
+  """Stops points whose validation accuracy lags (never the test accuracy).
+
+  Attributes:
+    rule: 'asha' (asynchronous successive halving: at epochs grace_epochs,
+      grace_epochs * reduction_factor, ... only the best 1/reduction_factor
+      of the points that got there go on) or 'median' (a point stops when
+      its best so far is below the median of the others' at that epoch).
+    grace_epochs: every point trains at least this many epochs.
+    reduction_factor: ASHA's halving rate.
+    min_samples: the median rule compares only once this many points have
+      reached an epoch.
+  """
+  rule: str = 'asha'
+  grace_epochs: int = 1
+  reduction_factor: int = 3
+  min_samples: int = 3
+
+  def validate(self) -> None:
+    if self.rule not in EARLY_STOPPING_RULES:
+      raise ConfigError(f'EarlyStopping(rule={self.rule!r}): use one of '
+                        f'{", ".join(EARLY_STOPPING_RULES)}.')
+    for field, least in (('grace_epochs', 1), ('reduction_factor', 2),
+                         ('min_samples', 1)):
+      value = getattr(self, field)
+      if not isinstance(value, int) or value < least:
+        raise ConfigError(f'EarlyStopping({field}={value!r}): must be an '
+                          f'integer >= {least}.')
+
+
+@dataclasses.dataclass(frozen=True)
+class Sweep:
+  """What `get_sweep()` may return to add early stopping to its points."""
+  points: Sequence[Point] | Random
+  early_stopping: EarlyStopping | None = None
+
+
+def as_sweep(obj: Any) -> Sweep:
+  """A `Sweep` of concrete points from what `get_sweep()` returned."""
+  if not isinstance(obj, Sweep):
+    obj = Sweep(obj)
+  points = obj.points.points() if isinstance(obj.points, Random) else obj.points
+  if obj.early_stopping is not None:
+    if not isinstance(obj.early_stopping, EarlyStopping):
+      raise ConfigError('Sweep(early_stopping=...) must be an EarlyStopping, '
+                        f'got {obj.early_stopping!r}.')
+    obj.early_stopping.validate()
+  return Sweep(points, obj.early_stopping)
+
+
 # ------------------------------------------------------- names and loading
 
 def _format_value(value: Any) -> str:
@@ -120,8 +285,9 @@ def point_name(point: Mapping[str, Any]) -> str:
   return name
 
 
-def load_sweep(config_filename: str) -> list[Point]:
-  """Calls `get_sweep([arg])` of a config file given as 'path[:arg]'."""
+def load_sweep(config_filename: str) -> Sweep:
+  """Calls `get_sweep([arg])` of a config file given as 'path[:arg]'; its
+  search space, if any, is sampled into points (see `as_sweep`)."""
   path, _, arg = config_filename.partition(':')
   spec = importlib.util.spec_from_file_location('_sweep_config', path)
   if spec is None or not os.path.exists(path):
@@ -133,7 +299,7 @@ def load_sweep(config_filename: str) -> list[Point]:
     raise ConfigError(
         f'{path} defines no get_sweep(); --sweep needs a config file with a '
         'sweep, e.g. configs/sweep_lr.py.')
-  return get_sweep(arg) if arg else get_sweep()
+  return as_sweep(get_sweep(arg) if arg else get_sweep())
 
 
 # -------------------------------------------------------------- validation

@@ -26,56 +26,71 @@ HPARAM_METRICS = {
     'sweep/test_accuracy': 'final test accuracy',
     'sweep/wall_seconds': 'wall time (s)',
 }
-_COLUMNS = ('best_validation_accuracy', 'best_epoch', 'test_accuracy',
-            'epochs', 'steps', 'wall_seconds', 'status', 'error')
+# A row's summary of a run, then its bookkeeping.
+SUMMARY = ('best_validation_accuracy', 'best_epoch', 'test_accuracy',
+           'epochs', 'steps')
+_COLUMNS = (*SUMMARY, 'wall_seconds', 'status', 'error')
+# Statuses: finished or stopped by the early-stopping rule (both final),
+# failed (retried by a re-run), or not run yet.
+DONE, STOPPED, FAILED, PENDING = 'done', 'stopped early', 'failed', 'pending'
 
 
-def point_row(point) -> dict[str, Any]:
-  """A point's table row: overrides, accuracies, epochs, time, status.
+def summarize(result: dict[str, Any]) -> dict[str, Any]:
+  """The table's summary of a run from `train.train_and_evaluate`'s result.
 
   Args:
-    point: a `sweep_run.Point` (name, overrides, workdir, status).
+    result: {'epochs': [epoch records], 'final': {...}, 'step': int}; a
+      stopped run has no 'final' metrics: its last evaluated epoch's test
+      accuracy is reported instead.
+
+  Returns:
+    {'best_validation_accuracy', 'best_epoch', 'test_accuracy', 'epochs',
+     'steps'}, None where nothing was evaluated.
   """
-  from mnist_jax import sweep_run  # pylint: disable=g-import-not-at-top
-  metrics = sweep_run.read_metrics(point.workdir) or {}
-  epochs = metrics.get('epochs') or []
+  epochs = result.get('epochs') or []
   evaluated = [r for r in epochs if 'validation_accuracy' in r]
   best = max(evaluated, key=lambda r: r['validation_accuracy'], default=None)
-  final = metrics.get('final') or {}
-  status = point.status or {}
+  test = (result.get('final') or {}).get('test_accuracy')
+  if test is None and evaluated:
+    test = evaluated[-1].get('test_accuracy')
   return {
-      'point': point.name, **point.overrides,
       'best_validation_accuracy': best['validation_accuracy'] if best else None,
       'best_epoch': best['epoch'] if best else None,
-      'test_accuracy': final.get('test_accuracy'),
+      'test_accuracy': test,
       'epochs': epochs[-1]['epoch'] if epochs else None,
-      'steps': metrics.get('step'),
-      'wall_seconds': status.get('wall_seconds'),
-      'status': status.get('status', 'pending'),
-      'error': status.get('error') or '',
+      'steps': result.get('step'),
   }
 
 
-def ranked_rows(points: Sequence[Any]) -> list[dict[str, Any]]:
+def ranked_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
   """Rows ranked by best validation accuracy; points without one (failed,
   pending) last, in sweep order. Adds a 1-based 'rank'."""
-  rows = [point_row(p) for p in points]
+  rows = list(rows)
   rows.sort(key=lambda r: (r['best_validation_accuracy'] is None,
                            -(r['best_validation_accuracy'] or 0.0)))
   return [{'rank': i + 1, **row} for i, row in enumerate(rows)]
 
 
-def _override_keys(points) -> list[str]:
+def override_keys(overrides: Sequence[dict[str, Any]]) -> list[str]:
+  """The keys of all points' overrides, in order of first appearance."""
   keys = []
-  for point in points:
-    keys += [k for k in point.overrides if k not in keys]
+  for point in overrides:
+    keys += [k for k in point if k not in keys]
   return keys
 
 
-def write_tables(workdir: str, points: Sequence[Any]) -> list[dict[str, Any]]:
-  """Writes `<workdir>/sweep_results.{csv,md}`; returns the ranked rows."""
-  rows = ranked_rows(points)
-  columns = ['rank', 'point', *_override_keys(points), *_COLUMNS]
+def write_tables(workdir: str, rows: Sequence[dict[str, Any]],
+                 keys: Sequence[str]) -> list[dict[str, Any]]:
+  """Writes `<workdir>/sweep_results.{csv,md}`; returns the ranked rows.
+
+  Args:
+    workdir: the sweep's directory.
+    rows: one per point: {'point': name, <override key>: value, ...,
+      `SUMMARY` fields, 'wall_seconds', 'status', 'error'}.
+    keys: the override keys, the table's first columns after the name.
+  """
+  rows = ranked_rows(rows)
+  columns = ['rank', 'point', *keys, *_COLUMNS]
   tmp = os.path.join(workdir, CSV_FILE + '.tmp')
   with open(tmp, 'w', newline='') as f:
     writer = csv.DictWriter(f, fieldnames=columns)
@@ -85,7 +100,7 @@ def write_tables(workdir: str, points: Sequence[Any]) -> list[dict[str, Any]]:
                        for k in columns})
   os.replace(tmp, os.path.join(workdir, CSV_FILE))
   with open(os.path.join(workdir, MD_FILE), 'w') as f:
-    f.write(markdown_table(rows, _override_keys(points)))
+    f.write(markdown_table(rows, keys))
   return rows
 
 
@@ -116,17 +131,23 @@ def markdown_table(rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> str:
 
 # ---------------------------------------------------------------- HParams
 
-def write_point_hparams(point) -> None:
-  """Writes a finished point's hyperparameters and final metrics into its
-  sub-workdir for TensorBoard's HParams dashboard (nothing if it failed)."""
-  row = point_row(point)
-  if row['status'] != 'done' or row['best_validation_accuracy'] is None:
+def write_point_hparams(point_workdir: str, overrides: dict[str, Any],
+                        row: dict[str, Any]) -> None:
+  """Writes a point's hyperparameters and summary into its sub-workdir for
+  TensorBoard's HParams dashboard (nothing if it has no validation result).
+
+  Args:
+    point_workdir: the point's own workdir (its TensorBoard run).
+    overrides: the point's overrides.
+    row: its `summarize` fields and 'wall_seconds'.
+  """
+  if row.get('best_validation_accuracy') is None:
     return
   from clu import metric_writers  # pylint: disable=g-import-not-at-top
   from mnist_jax import tf_setup  # pylint: disable=g-import-not-at-top
   tf_setup.hide_accelerators_from_tf()
-  writer = metric_writers.SummaryWriter(point.workdir)
-  writer.write_hparams(dict(point.overrides))
+  writer = metric_writers.SummaryWriter(point_workdir)
+  writer.write_hparams(dict(overrides))
   writer.write_scalars(row['steps'] or 0, {
       'sweep/best_validation_accuracy': row['best_validation_accuracy'],
       'sweep/test_accuracy': row['test_accuracy'],
@@ -134,7 +155,8 @@ def write_point_hparams(point) -> None:
   writer.close()
 
 
-def write_hparams_config(workdir: str, points: Sequence[Any]) -> None:
+def write_hparams_config(workdir: str,
+                         overrides: Sequence[dict[str, Any]]) -> None:
   """Declares the sweep's hyperparameters (with their values) and metrics in
   `<workdir>` so the HParams dashboard shows them as columns; written once."""
   if glob.glob(os.path.join(workdir, 'events.out.tfevents.*')):
@@ -144,8 +166,8 @@ def write_hparams_config(workdir: str, points: Sequence[Any]) -> None:
   from mnist_jax import tf_setup  # pylint: disable=g-import-not-at-top
   tf_setup.hide_accelerators_from_tf()
   hparams = []
-  for key in _override_keys(points):
-    values = {p.overrides[key] for p in points if key in p.overrides}
+  for key in override_keys(overrides):
+    values = {p[key] for p in overrides if key in p}
     # Discrete domains need values of one type; mixed ones get no domain.
     domain = (hp.Discrete(sorted(values))
               if len({type(v) for v in values}) == 1 else None)

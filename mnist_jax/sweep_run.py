@@ -1,24 +1,19 @@
-"""Runs a sweep: each point in its own sub-workdir, resumably.
+"""Runs a sweep on Ray Tune: every point a trial, in its own sub-workdir.
 
-`run_sweep(config, points, workdir)` validates the whole sweep first (see
-`sweep.validate_sweep`), then runs every point that has not finished, by
-default each in its own Python process (`python -m mnist_jax.sweep_run <sub>`)
-so that a point that crashes, even hard, cannot take the sweep down, and
-`parallel=N` is simply N processes at once.
+`run_sweep(config, sweep, workdir)` validates the whole sweep first (see
+`sweep.validate_sweep`), then runs each point as a Ray Tune trial
+(`sweep_trial.PointTrainable`: `train.train_and_evaluate(point_config,
+<workdir>/<point name>)`), with the sweep's early-stopping rule, if any, as
+Tune's scheduler. Without an address Ray runs embedded (a single-machine
+cluster inside this process's lifetime); with one (`RAY_ADDRESS` or
+`address=`) the trials spread over that cluster's nodes, which then need the
+project installed and `<workdir>` on a shared file system.
 
-Each sub-workdir holds, besides what training writes there:
-
-* `sweep_config.json`: the point's full config; the worker trains from it.
-* `sweep_status.json`: written by the parent only: 'running', 'done',
-  'failed' (+ error) or 'interrupted' (pre-empted by SIGTERM after saving a
-  checkpoint), attempts and the wall time summed over attempts.
-* `sweep_log.txt`: the worker's stdout and stderr.
-
-Re-running skips points whose status is 'done' and whose `metrics.json` is
-complete; every other point (never started, failed, or interrupted while
-'running') is run again with `train.train_and_evaluate` on the same
-sub-workdir, which resumes from the point's latest checkpoint when there is
-one.
+Tune's experiment state and trial logs live in `<workdir>/ray_tune`. Re-running
+the same sweep restores that experiment: finished and early-stopped points are
+kept, failed and unfinished ones run again and resume from their own
+checkpoints. A trial that loses its node is retried (`max_failures`), also
+from its checkpoints.
 """
 
 from __future__ import annotations
@@ -27,96 +22,79 @@ import dataclasses
 import json
 import os
 import signal
-import subprocess
 import sys
-import threading
-import time
-import traceback
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import ml_collections
 
 from mnist_jax import sweep as sweep_lib
 from mnist_jax import sweep_results
 from mnist_jax.errors import ConfigError
+from mnist_jax.errors import UserError
 
-CONFIG_FILE = 'sweep_config.json'
-STATUS_FILE = 'sweep_status.json'
-ERROR_FILE = 'sweep_error.txt'
-LOG_FILE = 'sweep_log.txt'
-METRICS_FILE = 'metrics.json'  # Written by train.train_and_evaluate.
+try:  # Ray is an optional extra; without it `--sweep` says what to install.
+  import ray
+  from ray import tune
+  from ray.tune import logger as tune_logger
+  from ray.tune import schedulers
+  from mnist_jax import sweep_trial
+except ImportError as e:
+  if not (e.name or '').startswith('ray'):
+    raise
+  ray = None
 
-# A point stopped by SIGTERM after saving a checkpoint (launch.py's exit
-# status for it is 128 + SIGTERM): not failed; the next run resumes it.
-_EXIT_PREEMPTED = 143
-_PREEMPTED = 'pre-empted (SIGTERM) after saving a checkpoint; re-run to resume'
-
-_PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@dataclasses.dataclass
-class Point:
-  """One point of a sweep and what is known about its run."""
-  name: str
-  overrides: dict[str, Any]
-  config: ml_collections.ConfigDict
-  workdir: str
-  status: dict[str, Any] = dataclasses.field(default_factory=dict)
-  skipped: bool = False  # Finished by an earlier run of the sweep.
+EXPERIMENT = 'ray_tune'  # Tune's folder in the sweep's workdir
+SWEEP_FILE = 'sweep.json'  # The points' configs, to refuse a changed sweep.
+INSTALL_RAY = ("--sweep runs the points on Ray, which is not installed: "
+               "pip install 'ray[tune]' (or pip install -e '.[sweep]').")
+EXIT_INTERRUPTED = 143  # As a pre-empted training run: re-run to resume.
+# Environment variables that trials on other nodes need as well.
+_FORWARDED_ENV = ('TFDS_DATA_DIR', 'MNIST_JAX_')
 
 
-# -------------------------------------------------------------- bookkeeping
+# ------------------------------------------------------------- resources
 
-def _read_json(path: str):
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except (OSError, ValueError):
-    return None
+def trial_resources(nodes: Sequence[dict[str, Any]],
+                    parallel: int) -> dict[str, float]:
+  """The resources one point asks Ray for.
 
+  Args:
+    nodes: `ray.nodes()`: the cluster's nodes and their resources.
+    parallel: with accelerators, points per accelerator (each gets a share);
+      else points per machine (the smallest machine's CPUs shared).
 
-def _write_json(path: str, obj) -> None:
-  tmp = f'{path}.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(obj, f, indent=1)
-  os.replace(tmp, path)  # Atomic: an interrupted sweep never leaves half a file.
-
-
-def read_metrics(point_workdir: str) -> dict[str, Any] | None:
-  """The point's metrics.json if it is complete (has final metrics)."""
-  metrics = _read_json(os.path.join(point_workdir, METRICS_FILE))
-  if isinstance(metrics, dict) and metrics.get('final'):
-    return metrics
-  return None
-
-
-def is_finished(point_workdir: str) -> bool:
-  """Whether an earlier run of the sweep completed this point."""
-  status = _read_json(os.path.join(point_workdir, STATUS_FILE)) or {}
-  return (status.get('status') == 'done'
-          and read_metrics(point_workdir) is not None)
+  Returns:
+    {'CPU': n} on CPU-only clusters, else one (or 1/parallel of a) GPU or
+    one TPU chip, Ray making only that accelerator visible to the point.
+  """
+  alive = [n['Resources'] for n in nodes
+           if n.get('Alive') and n['Resources'].get('CPU', 0) > 0]
+  if any(r.get('GPU') for r in alive):
+    return {'CPU': 1, 'GPU': 1 / parallel}
+  if any(r.get('TPU') for r in alive):
+    return {'CPU': 1, 'TPU': 1}
+  cpus = min((r['CPU'] for r in alive), default=1)
+  return {'CPU': max(1, int(cpus // parallel))}
 
 
-def _config_json(config: ml_collections.ConfigDict):
-  # Round-trips through JSON so stored and current configs compare equal.
-  return json.loads(config.to_json_best_effort())
+def scheduler(early_stopping: sweep_lib.EarlyStopping | None, max_epochs: int):
+  """Tune's trial scheduler for the sweep's early-stopping rule.
+
+  Both rules compare points on their validation accuracy at equal epochs.
+  """
+  if early_stopping is None:
+    return schedulers.FIFOScheduler()
+  common = dict(time_attr=sweep_trial.EPOCH_KEY, metric=sweep_trial.METRIC,
+                mode='max', grace_period=early_stopping.grace_epochs)
+  if early_stopping.rule == 'asha':
+    return schedulers.ASHAScheduler(
+        max_t=max(max_epochs, early_stopping.grace_epochs),
+        reduction_factor=early_stopping.reduction_factor, **common)
+  return schedulers.MedianStoppingRule(
+      min_samples_required=early_stopping.min_samples, **common)
 
 
-def _check_same_config(point: Point) -> None:
-  """A sub-workdir may only be resumed with the config it was started with;
-  otherwise the table would silently mix runs of different configs. Fields
-  that only one of the two configs has (added or removed by a code change
-  since) are not compared."""
-  stored = _read_json(os.path.join(point.workdir, CONFIG_FILE))
-  if stored is None:
-    return
-  old, new = _flatten(stored), _flatten(_config_json(point.config))
-  diff = sorted(k for k in set(old) & set(new) if old[k] != new[k])
-  if diff:
-    raise ConfigError(
-        f'{point.workdir} was run with a different config (differs in '
-        f'{", ".join(diff)}); use a new --workdir for a changed sweep.')
-
+# ------------------------------------------------------- same sweep again
 
 def _flatten(tree, prefix=''):
   out = {}
@@ -128,165 +106,185 @@ def _flatten(tree, prefix=''):
   return out
 
 
-# ------------------------------------------------------------------ running
+def check_same_sweep(workdir: str, spec: dict[str, Any]) -> None:
+  """Refuses to continue a workdir's sweep with other points or configs.
 
-def _start(point: Point) -> None:
-  os.makedirs(point.workdir, exist_ok=True)
-  _write_json(os.path.join(point.workdir, CONFIG_FILE),
-              _config_json(point.config))
-  error_file = os.path.join(point.workdir, ERROR_FILE)
-  if os.path.exists(error_file):
-    os.remove(error_file)
-  previous = point.status
-  point.status = {
-      'status': 'running', 'overrides': point.overrides,
-      'attempts': previous.get('attempts', 0) + 1,
-      'wall_seconds': previous.get('wall_seconds', 0.0),
-      'started': time.time()}
-  _write_json(os.path.join(point.workdir, STATUS_FILE), point.status)
+  Args:
+    workdir: the sweep's directory; `spec` is stored there on the first run.
+    spec: {'points': {name: config as JSON}, 'early_stopping': ...}.
 
-
-def _finish(point: Point, error: str | None) -> None:
-  status = point.status
-  status['wall_seconds'] += time.time() - status.pop('started')
-  if error is None and read_metrics(point.workdir) is None:
-    error = f'no complete {METRICS_FILE} was written'
-  if error == _PREEMPTED:
-    status['status'] = 'interrupted'
-  else:
-    status['status'] = 'failed' if error else 'done'
-  status['error'] = error
-  _write_json(os.path.join(point.workdir, STATUS_FILE), status)
-
-
-def _error_of_process(point: Point, returncode: int) -> str:
-  """The worker's own account of its error, else the log's last line."""
-  if returncode in (_EXIT_PREEMPTED, -15):
-    return _PREEMPTED
+  Raises:
+    ConfigError: the stored sweep has other points, another early-stopping
+      rule, or a point's config differs (fields only one of the two has,
+      added or removed by a code change since, are not compared).
+  """
+  path = os.path.join(workdir, SWEEP_FILE)
   try:
-    with open(os.path.join(point.workdir, ERROR_FILE)) as f:
-      return f.read().strip()
-  except OSError:
-    pass
-  try:
-    with open(os.path.join(point.workdir, LOG_FILE)) as f:
-      lines = [l.strip() for l in f if l.strip()]
-  except OSError:
-    lines = []
-  last = f': {lines[-1]}' if lines else ''
-  return f'worker exited with status {returncode}{last}'
+    with open(path) as f:
+      stored = json.load(f)
+  except FileNotFoundError:
+    os.makedirs(workdir, exist_ok=True)
+    with open(f'{path}.tmp', 'w') as f:
+      json.dump(spec, f, indent=1)
+    os.replace(f'{path}.tmp', path)
+    return
+  fix = 'use a new --workdir for a changed sweep.'
+  old, new = stored['points'], spec['points']
+  if set(old) != set(new):
+    added, gone = sorted(set(new) - set(old)), sorted(set(old) - set(new))
+    raise ConfigError(
+        f'{workdir} holds a sweep with other points (new: {added or "none"}; '
+        f'missing: {gone or "none"}); {fix}')
+  if stored.get('early_stopping') != spec['early_stopping']:
+    raise ConfigError(f'{workdir} holds a sweep with another early-stopping '
+                      f'rule ({stored.get("early_stopping")}); {fix}')
+  for name in new:
+    a, b = _flatten(old[name]), _flatten(new[name])
+    diff = sorted(k for k in set(a) & set(b) if a[k] != b[k])
+    if diff:
+      raise ConfigError(f'{os.path.join(workdir, name)} was run with a '
+                        f'different config (differs in {", ".join(diff)}); '
+                        f'{fix}')
 
 
-def _run_in_process(point: Point) -> str | None:
-  from mnist_jax import train  # pylint: disable=g-import-not-at-top
-  try:
-    result = train.train_and_evaluate(point.config, point.workdir)
-  except Exception as e:  # pylint: disable=broad-except
-    return _describe(e)
-  return _PREEMPTED if result and result.get('stopped_early') else None
+# -------------------------------------------------------------- running
+
+def _tuner(plan, workdir: str, early_stopping, *, parallel: int,
+           max_failures: int):
+  trainable = tune.with_resources(
+      tune.with_parameters(
+          sweep_trial.PointTrainable, cwd=os.getcwd(),
+          plan={name: (point_config.to_dict(), os.path.join(workdir, name))
+                for name, _, point_config in plan}),
+      trial_resources(ray.nodes(), parallel))
+  path = os.path.join(workdir, EXPERIMENT)
+  # Tune's JSON and CSV logs, not its TensorBoard files: those would show
+  # up in `tensorboard --logdir <workdir>` beside the points' own.
+  callbacks = [sweep_trial.PointEnd(workdir, {n: p for n, p, _ in plan}),
+               tune_logger.JsonLoggerCallback(),
+               tune_logger.CSVLoggerCallback()]
+  run_config = tune.RunConfig(
+      name=EXPERIMENT, storage_path=workdir, callbacks=callbacks, verbose=0,
+      # The points' own checkpoints (in their workdirs) resume them.
+      checkpoint_config=tune.CheckpointConfig(checkpoint_at_end=False),
+      failure_config=tune.FailureConfig(max_failures=max_failures))
+  if tune.Tuner.can_restore(path):
+    print(f'Continuing the sweep recorded in {path}.', flush=True)
+    # Finished and stopped points stay; the others resume from their
+    # own checkpoints. The stored run config (and callbacks) is used.
+    return tune.Tuner.restore(path, trainable, resume_unfinished=True,
+                              restart_errored=True)
+  names = [name for name, _, _ in plan]
+
+  def trial_name(trial):
+    return trial.config[sweep_trial.POINT_KEY]
+
+  max_epochs = max(c.num_epochs for _, _, c in plan)
+  return tune.Tuner(
+      trainable,
+      param_space={sweep_trial.POINT_KEY: tune.grid_search(names)},
+      tune_config=tune.TuneConfig(
+          scheduler=scheduler(early_stopping, max_epochs),
+          trial_name_creator=trial_name, trial_dirname_creator=trial_name),
+      run_config=run_config)
 
 
-def _describe(e: BaseException) -> str:
-  return f'{type(e).__name__}: {e}'.splitlines()[0]
+def _rows(plan, workdir: str) -> list[dict[str, Any]]:
+  """The table's rows from Tune's record of the experiment."""
+  analysis = tune.ExperimentAnalysis(os.path.join(workdir, EXPERIMENT))
+  trials = {t.config[sweep_trial.POINT_KEY]: t for t in analysis.trials}
+  rows = []
+  for name, point, _ in plan:
+    trial = trials.get(name)
+    last = dict(trial.last_result or {}) if trial else {}
+    if trial is None or trial.status not in ('TERMINATED', 'ERROR'):
+      status, error = sweep_results.PENDING, ''
+    elif trial.status == 'ERROR':
+      status, error = sweep_results.FAILED, sweep_trial.describe_error(trial)
+    elif last.get(sweep_trial.STATUS_KEY) == sweep_results.DONE:
+      status, error = sweep_results.DONE, ''
+    else:  # Terminated by Tune before its last epoch: the scheduler's rule.
+      status, error = sweep_results.STOPPED, ''
+    rows.append({'point': name, **point,
+                 **{k: last.get(k) for k in sweep_results.SUMMARY},
+                 'wall_seconds': last.get('wall_seconds'),
+                 'status': status, 'error': error})
+  return rows
 
 
-def _popen(point: Point, python: str) -> subprocess.Popen:
-  env = dict(os.environ)
-  env['PYTHONPATH'] = os.pathsep.join(
-      p for p in (_PROJECT_ROOT, env.get('PYTHONPATH')) if p)
-  with open(os.path.join(point.workdir, LOG_FILE), 'a') as log:
-    return subprocess.Popen(
-        [python, '-m', 'mnist_jax.sweep_run', point.workdir], env=env,
-        stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-        # Own session: a terminal's Ctrl-C reaches only the sweep, which then
-        # stops the workers with SIGTERM so that they save a checkpoint.
-        start_new_session=True)
+def _init_ray(address: str | None) -> None:
+  env = {k: v for k, v in os.environ.items()
+         if k == _FORWARDED_ENV[0] or k.startswith(_FORWARDED_ENV[1])}
+  # Only Tune's own loggers listed in `_tuner`; and `tensorboard --logdir`
+  # of the sweep stays free of Tune's TensorBoard files.
+  os.environ['TUNE_DISABLE_AUTO_CALLBACK_LOGGERS'] = '1'
+  # 'local': a fresh embedded cluster, never one that happens to run on
+  # this machine (which ray.init() would otherwise join).
+  address = address or os.environ.get('RAY_ADDRESS') or 'local'
+  ray.init(address=address, include_dashboard=False,
+           runtime_env={'env_vars': env}, configure_logging=False)
+  resources = ray.cluster_resources()
+  print(f'Ray: {"embedded" if address == "local" else address}, '
+        f'{len([n for n in ray.nodes() if n["Alive"]])} node(s), '
+        f'{resources.get("CPU", 0):g} CPUs'
+        + ''.join(f', {resources[k]:g} {k}s' for k in ('GPU', 'TPU')
+                  if resources.get(k)), flush=True)
 
 
-def _log(message: str) -> None:
-  print(message, flush=True)
-
-
-def _report(point: Point, index: str) -> None:
-  status = point.status
-  if status['status'] == 'done':
-    row = sweep_results.point_row(point)
-    _log(f'[{index}] {point.name}: done in {status["wall_seconds"]:.0f} s, '
-         f'best validation accuracy {row["best_validation_accuracy"]:.2%}')
-  else:
-    _log(f'[{index}] {point.name}: {status["status"].upper()}: '
-         f'{status["error"]}')
-
-
-def run_sweep(config: ml_collections.ConfigDict,
-              points: Sequence[dict[str, Any]], workdir: str, *,
-              parallel: int = 1, in_process: bool = False,
-              python: str = sys.executable,
-              on_finish: Callable[[Point], None] | None = None
-              ) -> list[Point]:
-  """Runs the sweep's unfinished points and writes the results tables.
+def run_sweep(config: ml_collections.ConfigDict, sweep: Any, workdir: str, *,
+              parallel: int = 1, address: str | None = None,
+              max_failures: int = 2) -> list[dict[str, Any]]:
+  """Runs the sweep's unfinished points on Ray; writes the results tables.
 
   Args:
     config: the base config; each point overrides some of its fields.
-    points: the sweep (see `sweep.product` and friends).
+    sweep: what a config's `get_sweep()` returns: a list of points, a
+      `sweep.Random` space or a `sweep.Sweep` (see `sweep.as_sweep`).
     workdir: the sweep's directory; point `p` runs in
-      `<workdir>/<sweep.point_name(p)>`.
-    parallel: how many points run at once (worker processes).
-    in_process: run points one after another in this process instead of in
-      worker processes (no process start-up; a hard crash ends the sweep).
-    python: the interpreter for worker processes.
-    on_finish: called with each point when it has finished or failed.
+      `<workdir>/<sweep.point_name(p)>`, Tune's files are in
+      `<workdir>/ray_tune`.
+    parallel: points per machine (CPU-only) or per accelerator.
+    address: a Ray cluster's address ('host:port', 'ray://...'); default
+      `RAY_ADDRESS`, else an embedded single-machine cluster.
+    max_failures: retries of a point whose trial fails (e.g. lost its node).
 
   Returns:
-    All points, in sweep order, with their status.
+    The rows of `<workdir>/sweep_results.csv`, ranked.
 
   Raises:
     ConfigError: the sweep is invalid (nothing has run then), `parallel` is
-      not positive, or a sub-workdir holds a run of a different config.
+      not positive, or `workdir` holds a different sweep.
+    UserError: Ray is not installed.
   """
+  sweep = sweep_lib.as_sweep(sweep)
   if not isinstance(parallel, int) or parallel < 1:
     raise ConfigError(f'--sweep_parallel={parallel!r}: must be a positive '
-                      'integer (points run at once).')
-  plan = [Point(name, overrides, point_config, os.path.join(workdir, name))
-          for name, overrides, point_config
-          in sweep_lib.validate_sweep(config, points)]
-  for point in plan:
-    _check_same_config(point)
-    point.status = _read_json(os.path.join(point.workdir, STATUS_FILE)) or {}
-    point.skipped = is_finished(point.workdir)
-  os.makedirs(workdir, exist_ok=True)
-  sweep_results.write_hparams_config(workdir, plan)
-  todo = [p for p in plan if not p.skipped]
-  _log(f'Sweep of {len(plan)} points in {workdir}: {len(plan) - len(todo)} '
-       f'already done, {len(todo)} to run'
-       + (f', {parallel} at a time.' if todo and not in_process else '.'))
-
-  count = 0
-
-  def finished(point: Point, error: str | None):
-    nonlocal count
-    _finish(point, error)
-    count += 1
-    _report(point, f'{count}/{len(todo)}')
-    sweep_results.write_point_hparams(point)
-    sweep_results.write_tables(workdir, plan)
-    if on_finish:
-      on_finish(point)
-
-  if in_process:
-    for point in todo:
-      _start(point)
-      finished(point, _run_in_process(point))
-      if point.status['status'] == 'interrupted':
-        break  # This process got SIGTERM: stop here, resume on re-run.
-  else:
-    _run_processes(todo, parallel, python, finished)
-  sweep_results.write_tables(workdir, plan)
-  return plan
+                      'integer (points per machine or accelerator).')
+  plan = sweep_lib.validate_sweep(config, sweep.points)
+  if ray is None:
+    raise UserError(INSTALL_RAY)
+  workdir = os.path.abspath(workdir)
+  early = sweep.early_stopping
+  check_same_sweep(workdir, {
+      'points': {name: json.loads(c.to_json_best_effort())
+                 for name, _, c in plan},
+      'early_stopping': early and dataclasses.asdict(early)})
+  sweep_results.write_hparams_config(workdir, [p for _, p, _ in plan])
+  _init_ray(address)
+  try:
+    tuner = _tuner(plan, workdir, early, parallel=parallel,
+                   max_failures=max_failures)
+    tuner.fit()
+  finally:
+    ray.shutdown()
+  rows = _rows(plan, workdir)
+  return sweep_results.write_tables(
+      workdir, rows, sweep_results.override_keys([p for _, p, _ in plan]))
 
 
 def run_from_file(config_filename: str, config: ml_collections.ConfigDict,
-                  workdir: str, parallel: int = 1) -> int:
+                  workdir: str, parallel: int = 1,
+                  address: str | None = None) -> int:
   """`launch.py --sweep`: runs the sweep of a config file, prints the table.
 
   Args:
@@ -294,84 +292,37 @@ def run_from_file(config_filename: str, config: ml_collections.ConfigDict,
     config: its config, with the command line's `--config.*` overrides (they
       apply to every point; the sweep's overrides win).
     workdir: the sweep's directory.
-    parallel: points run at once.
+    parallel: points per machine or accelerator.
+    address: a Ray cluster's address; default `RAY_ADDRESS` or embedded.
 
   Returns:
-    The exit status: 0 if every point is done, 1 if any failed, 143 if the
-    sweep was interrupted (Ctrl-C or SIGTERM).
+    The exit status: 0 if every point is done or stopped early, 1 if any
+    failed, 143 if the sweep was interrupted (Ctrl-C, SIGTERM).
   """
+  sweep = sweep_lib.load_sweep(config_filename)
+  # SIGTERM (pre-emption) as Ctrl-C: Tune stops the points, which save a
+  # checkpoint, and records the experiment for the re-run.
+  signal.signal(signal.SIGTERM,
+                lambda *_: os.kill(os.getpid(), signal.SIGINT))
   try:
-    points = run_sweep(config, sweep_lib.load_sweep(config_filename),
-                       workdir, parallel=parallel)
-  except KeyboardInterrupt:
+    rows = run_sweep(config, sweep, workdir, parallel=parallel,
+                     address=address)
+  except KeyboardInterrupt:  # Before Tune took over Ctrl-C.
     print('Sweep interrupted; run the same command again to resume it.',
           file=sys.stderr, flush=True)
-    return _EXIT_PREEMPTED
+    return EXIT_INTERRUPTED
   with open(os.path.join(workdir, sweep_results.MD_FILE)) as f:
-    _log('\n' + f.read())
-  failed = [p.name for p in points if p.status.get('status') != 'done']
-  if failed:
-    print(f'{len(failed)} of {len(points)} points failed ({", ".join(failed)});'
-          f' see their {LOG_FILE}. Re-run the same command to retry them.',
+    print('\n' + f.read(), flush=True)
+  pending = [r['point'] for r in rows if r['status'] == sweep_results.PENDING]
+  failed = [r['point'] for r in rows if r['status'] == sweep_results.FAILED]
+  if pending:
+    print(f'Sweep interrupted with {len(pending)} of {len(rows)} points '
+          'unfinished; run the same command again to resume it.',
           file=sys.stderr, flush=True)
+    return EXIT_INTERRUPTED
+  if failed:
+    print(f'{len(failed)} of {len(rows)} points failed ({", ".join(failed)});'
+          f' see their logs in {os.path.join(workdir, EXPERIMENT)}. Re-run '
+          'the same command to retry them.', file=sys.stderr, flush=True)
     return 1
   return 0
-
-
-def _run_processes(todo: list[Point], parallel: int, python: str,
-                   finished: Callable[[Point, str | None], None]) -> None:
-  """Keeps up to `parallel` worker processes busy until all points ran."""
-  queue, running = list(todo), {}
-
-  def on_sigterm(signum, frame):
-    del signum, frame
-    raise KeyboardInterrupt('SIGTERM')
-
-  # A pre-empted sweep stops its workers too, rather than orphaning them.
-  old_handler = None
-  if threading.current_thread() is threading.main_thread():
-    old_handler = signal.signal(signal.SIGTERM, on_sigterm)
-  try:
-    while queue or running:
-      while queue and len(running) < parallel:
-        point = queue.pop(0)
-        _start(point)
-        _log(f'Starting {point.name} (log: {point.workdir}/{LOG_FILE})')
-        running[point.name] = (point, _popen(point, python))
-      time.sleep(0.2)
-      for name, (point, proc) in list(running.items()):
-        if proc.poll() is not None:
-          del running[name]
-          rc = proc.returncode
-          finished(point, None if rc == 0 else _error_of_process(point, rc))
-  finally:
-    # Interrupted (e.g. Ctrl-C): stop our workers (SIGTERM: they save a
-    # checkpoint); the next run of the sweep resumes them from it.
-    for _, proc in running.values():
-      proc.terminate()
-    for point, proc in running.values():
-      _finish(point, _error_of_process(point, proc.wait()))
-    if old_handler is not None:
-      signal.signal(signal.SIGTERM, old_handler)
-
-
-# ------------------------------------------------------------------- worker
-
-def _worker_main(point_workdir: str) -> int:
-  """Trains one point from its sweep_config.json (run by `_popen`)."""
-  from mnist_jax import tf_setup, train  # pylint: disable=g-import-not-at-top
-  tf_setup.hide_accelerators_from_tf()
-  config = ml_collections.ConfigDict(
-      _read_json(os.path.join(point_workdir, CONFIG_FILE)))
-  try:
-    result = train.train_and_evaluate(config, point_workdir)
-  except Exception as e:  # pylint: disable=broad-except
-    traceback.print_exc()
-    with open(os.path.join(point_workdir, ERROR_FILE), 'w') as f:
-      f.write(_describe(e))
-    return 1
-  return _EXIT_PREEMPTED if result and result.get('stopped_early') else 0
-
-
-if __name__ == '__main__':
-  sys.exit(_worker_main(sys.argv[1]))

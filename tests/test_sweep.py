@@ -1,4 +1,5 @@
-"""Config sweeps: definitions, validation, tables, running and re-running."""
+"""Config sweeps without a cluster: definitions, search spaces, validation,
+resources, schedulers and tables. Runs on Ray: tests/test_sweep_ray.py."""
 
 import csv
 import json
@@ -7,8 +8,10 @@ import subprocess
 import sys
 
 import pytest
+from ray.tune import schedulers
 
 from configs import sweep_lr
+from configs import sweep_search
 from mnist_jax import sweep
 from mnist_jax import sweep_results
 from mnist_jax import sweep_run
@@ -70,9 +73,8 @@ def test_invalid_sweep_fails_before_any_point_runs(tiny_config, tmp_path,
                                                    bad_point, message):
   workdir = str(tmp_path / 'w')
   with pytest.raises(ConfigError, match=message):
-    sweep_run.run_sweep(tiny_config, [{'seed': 1}, bad_point], workdir,
-                        in_process=True)
-  assert not os.path.exists(workdir)  # Not even the good point started.
+    sweep_run.run_sweep(tiny_config, [{'seed': 1}, bad_point], workdir)
+  assert not os.path.exists(workdir)  # Not even Ray started.
 
 
 def test_validation_accepts_int_for_float_and_keeps_base_config(tiny_config):
@@ -84,11 +86,6 @@ def test_validation_accepts_int_for_float_and_keeps_base_config(tiny_config):
   assert tiny_config.data.num_validation == 100  # The base is untouched.
   assert name == 'initial_learning_rate=1,data.num_validation=50'
   assert point == {'initial_learning_rate': 1, 'data.num_validation': 50}
-
-
-def test_parallel_must_be_positive(tiny_config, tmp_path):
-  with pytest.raises(ConfigError, match='--sweep_parallel=0: must be a pos'):
-    sweep_run.run_sweep(tiny_config, [{'seed': 1}], str(tmp_path), parallel=0)
 
 
 @pytest.mark.parametrize('points, message', [
@@ -106,41 +103,176 @@ def test_shipped_sweep_is_valid():
     assert ('initial_learning_rate=0.001,batch_size=512'
             in [name for name, _, _ in plan])
   assert len(sweep_lr.get_sweep()) == 9
+  for arg, n in ((None, 12), ('quick', 6)):
+    spec = sweep.load_sweep(os.path.join(
+        ROOT, 'configs/sweep_search.py' + (f':{arg}' if arg else '')))
+    assert len(sweep.validate_sweep(sweep_search.get_config(arg),
+                                    spec.points)) == n
+    assert spec.early_stopping.rule == 'asha'
 
 
 def test_load_sweep_needs_get_sweep():
   assert (sweep.load_sweep(os.path.join(ROOT, 'configs/sweep_lr.py:quick'))
-          == sweep_lr.get_sweep('quick'))
+          == sweep.Sweep(sweep_lr.get_sweep('quick')))
   with pytest.raises(ConfigError, match='defines no get_sweep'):
     sweep.load_sweep(os.path.join(ROOT, 'configs/default.py'))
 
 
+# ----------------------------------------------------------- search spaces
+
+def test_random_space_is_seeded_in_range_and_validated(tiny_config):
+  space = sweep.Random({'initial_learning_rate': sweep.loguniform(1e-4, 1e-2),
+                        'weight_decay': sweep.uniform(0.0, 1e-3),
+                        'batch_size': sweep.choice([16, 32, 64]),
+                        'seed': sweep.randint(0, 2),
+                        'adam_b1': [0.8, 0.9]}, num_samples=24, seed=3)
+  points = space.points()
+  assert points == space.points()  # A re-run finds the same points.
+  assert points != sweep.Random(space.axes, 24, seed=4).points()
+  assert len(points) == 24 and list(points[0]) == list(space.axes)
+  lrs = [p['initial_learning_rate'] for p in points]
+  assert all(1e-4 <= lr <= 1e-2 for lr in lrs)
+  # Log-uniform: as many samples below 1e-3 (the log-midpoint) as above.
+  assert 8 <= sum(lr < 1e-3 for lr in lrs) <= 16
+  assert all(lr == float(f'{lr:.3g}') for lr in lrs)  # Short names.
+  assert {p['batch_size'] for p in points} == {16, 32, 64}
+  assert {p['seed'] for p in points} == {0, 1, 2}  # Both ends included.
+  assert {p['adam_b1'] for p in points} == {0.8, 0.9}
+  iid = sweep.Random(space.axes, 24, seed=3, quasi=False).points()
+  assert iid != points and all(1e-4 <= p['initial_learning_rate'] <= 1e-2
+                               for p in iid)
+  plan = sweep.validate_sweep(tiny_config, points)
+  assert len(plan) == 24 and plan[0][2].batch_size == points[0]['batch_size']
+
+
+def test_search_space_mistakes_are_one_line_errors(tiny_config):
+  with pytest.raises(ConfigError, match='needs low > 0'):
+    sweep.loguniform(0, 1)
+  with pytest.raises(ConfigError, match='is empty'):
+    sweep.uniform(1, 1)
+  with pytest.raises(ConfigError, match='needs ints'):
+    sweep.randint(0, 2.5)
+  with pytest.raises(ConfigError, match='non-empty list'):
+    sweep.choice([])
+  with pytest.raises(ConfigError, match='num_samples=0'):
+    sweep.as_sweep(sweep.Random({'seed': [1]}, num_samples=0))
+  # A space too small for its samples repeats points: refused by name.
+  with pytest.raises(ConfigError, match='repeats point'):
+    sweep.validate_sweep(tiny_config, sweep.Random(
+        {'seed': sweep.choice([1, 2])}, num_samples=3).points())
+  with pytest.raises(ConfigError, match=r"unknown config key 'batch'"):
+    sweep.validate_sweep(tiny_config, sweep.Random(
+        {'batch': sweep.randint(8, 16)}, num_samples=2).points())
+
+
+def test_early_stopping_is_checked_and_becomes_a_tune_scheduler():
+  for bad, message in [(sweep.EarlyStopping(rule='hyperband'), 'use one of'),
+                       (sweep.EarlyStopping(grace_epochs=0), 'grace_epochs'),
+                       (sweep.EarlyStopping(reduction_factor=1), 'reduction')]:
+    with pytest.raises(ConfigError, match=message):
+      sweep.as_sweep(sweep.Sweep([{'seed': 1}], early_stopping=bad))
+  asha = sweep_run.scheduler(sweep.EarlyStopping(grace_epochs=2), 20)
+  assert isinstance(asha, schedulers.ASHAScheduler)
+  assert asha.metric == 'validation_accuracy' and asha._mode == 'max'  # pylint: disable=protected-access
+  median = sweep_run.scheduler(sweep.EarlyStopping(rule='median'), 20)
+  assert isinstance(median, schedulers.MedianStoppingRule)
+  assert isinstance(sweep_run.scheduler(None, 20), schedulers.FIFOScheduler)
+
+
+def test_resources_per_point():
+  def node(alive=True, **resources):
+    return {'Alive': alive, 'Resources': resources}
+  cpus = [node(CPU=8.0), node(CPU=4.0), node(False, CPU=1.0), node(CPU=0.0)]
+  # One point per machine by default; the smallest live worker decides.
+  assert sweep_run.trial_resources(cpus, 1) == {'CPU': 4}
+  assert sweep_run.trial_resources(cpus, 2) == {'CPU': 2}
+  assert sweep_run.trial_resources(cpus, 16) == {'CPU': 1}
+  gpus = [node(CPU=16.0, GPU=8.0)]
+  assert sweep_run.trial_resources(gpus, 1) == {'CPU': 1, 'GPU': 1}
+  assert sweep_run.trial_resources(gpus, 4) == {'CPU': 1, 'GPU': 0.25}
+  assert sweep_run.trial_resources([node(CPU=240.0, TPU=4.0)], 1) == {
+      'CPU': 1, 'TPU': 1}
+
+
+def test_parallel_must_be_positive(tiny_config, tmp_path):
+  with pytest.raises(ConfigError, match='--sweep_parallel=0: must be a pos'):
+    sweep_run.run_sweep(tiny_config, [{'seed': 1}], str(tmp_path), parallel=0)
+
+
+def test_a_workdir_refuses_a_changed_sweep(tmp_path):
+  workdir = str(tmp_path)
+  spec = {'points': {'seed=1': {'seed': 1, 'data': {'dir': 'a'}},
+                     'seed=2': {'seed': 2, 'data': {'dir': 'a'}}},
+          'early_stopping': None}
+  sweep_run.check_same_sweep(workdir, spec)  # Recorded on the first run.
+  sweep_run.check_same_sweep(workdir, spec)
+  added = json.loads(json.dumps(spec))
+  added['points']['seed=1']['added_since'] = 3  # A code change: no change.
+  sweep_run.check_same_sweep(workdir, added)
+  other = json.loads(json.dumps(spec))
+  other['points']['seed=2']['data']['dir'] = 'b'
+  with pytest.raises(ConfigError, match=r'seed=2 was run with a different '
+                     r'config \(differs in data.dir\)'):
+    sweep_run.check_same_sweep(workdir, other)
+  with pytest.raises(ConfigError, match=r"other points \(new: \['seed=3'\]"):
+    sweep_run.check_same_sweep(workdir, dict(spec, points={
+        **spec['points'], 'seed=3': {'seed': 3}}))
+  with pytest.raises(ConfigError, match='another early-stopping rule'):
+    sweep_run.check_same_sweep(workdir, dict(spec, early_stopping={
+        'rule': 'asha'}))
+
+
+def test_without_ray_sweep_says_what_to_install(tmp_path):
+  code = ('import sys; sys.modules["ray"] = None; sys.path.insert(0, "tests")\n'
+          'import conftest\n'
+          'from mnist_jax import sweep_run\n'
+          'config = conftest.tiny_config_for("unused")\n'
+          'sweep_run.run_sweep(config, [{"seed": 1}], sys.argv[1])\n')
+  proc = subprocess.run([sys.executable, '-c', code, str(tmp_path / 'w')],
+                        cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 1
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last == ('mnist_jax.errors.UserError: ' + sweep_run.INSTALL_RAY)
+  assert "pip install 'ray[tune]'" in last
+
+
 # ------------------------------------------------------------------ tables
 
-def _fake_point(tmp_path, name, overrides, val_accs, test_acc, status='done',
-                error=None):
-  """A point whose run 'happened': metrics.json and status as a run leaves."""
-  workdir = tmp_path / name
-  workdir.mkdir()
+def _row(name, overrides, val_accs, test_acc, status='done', error=''):
+  """A point's row as the runner builds it from the point's reports."""
   epochs = [{'epoch': i + 1, 'step': 10 * (i + 1), 'validation_accuracy': a,
              'test_accuracy': test_acc} for i, a in enumerate(val_accs)]
-  if status == 'done':
-    (workdir / 'metrics.json').write_text(json.dumps(
-        {'epochs': epochs, 'final': {'test_accuracy': test_acc},
-         'step': 10 * len(epochs)}))
-  return sweep_run.Point(name, overrides, None, str(workdir),
-                         {'status': status, 'error': error,
-                          'wall_seconds': 12.5})
+  final = {'test_accuracy': test_acc} if status == 'done' else {}
+  summary = sweep_results.summarize(
+      {'epochs': epochs, 'final': final,
+       'step': 10 * len(epochs) if epochs else None})
+  return {'point': name, **overrides, **summary, 'wall_seconds': 12.5,
+          'status': status, 'error': error}
+
+
+def test_summary_of_a_run():
+  run = {'epochs': [{'epoch': 1, 'step': 5, 'validation_accuracy': 0.9,
+                     'test_accuracy': 0.8},
+                    {'epoch': 2, 'step': 10, 'train_loss': 0.1},  # No eval.
+                    {'epoch': 3, 'step': 15, 'validation_accuracy': 0.85,
+                     'test_accuracy': 0.86}],
+         'final': {'test_accuracy': 0.87}, 'step': 15}
+  assert sweep_results.summarize(run) == {
+      'best_validation_accuracy': 0.9, 'best_epoch': 1, 'test_accuracy': 0.87,
+      'epochs': 3, 'steps': 15}
+  stopped = dict(run, final={}, stopped_early=True)  # Its last evaluation.
+  assert sweep_results.summarize(stopped)['test_accuracy'] == 0.86
+  assert sweep_results.summarize({'epochs': []})['best_epoch'] is None
 
 
 def test_tables_rank_on_best_validation_not_test(tmp_path):
-  points = [
-      _fake_point(tmp_path, 'a', {'seed': 0}, [0.90, 0.95], test_acc=0.99),
-      _fake_point(tmp_path, 'b', {'seed': 1}, [0.97, 0.96], test_acc=0.91),
-      _fake_point(tmp_path, 'c', {'seed': 2}, [], None, status='failed',
-                  error='NonFiniteLossError: loss is nan'),
-      _fake_point(tmp_path, 'd', {'seed': 3}, [0.93], test_acc=0.999)]
-  sweep_results.write_tables(str(tmp_path), points)
+  rows = [
+      _row('a', {'seed': 0}, [0.90, 0.95], test_acc=0.99),
+      _row('b', {'seed': 1}, [0.97, 0.96], test_acc=0.91),
+      _row('c', {'seed': 2}, [], None, status='failed',
+           error='NonFiniteLossError: loss is nan'),
+      _row('d', {'seed': 3}, [0.93], test_acc=0.999, status='stopped early')]
+  sweep_results.write_tables(str(tmp_path), rows, ['seed'])
   with open(tmp_path / 'sweep_results.csv') as f:
     rows = list(csv.DictReader(f))
   assert [r['point'] for r in rows] == ['b', 'a', 'd', 'c']
@@ -151,177 +283,12 @@ def test_tables_rank_on_best_validation_not_test(tmp_path):
   assert float(rows[0]['test_accuracy']) == 0.91
   assert rows[0]['epochs'] == '2' and rows[0]['steps'] == '20'
   assert rows[0]['status'] == 'done' and rows[0]['wall_seconds'] == '12.5'
+  assert rows[2]['status'] == 'stopped early'
   assert rows[3]['status'] == 'failed'
   assert rows[3]['error'] == 'NonFiniteLossError: loss is nan'
   md = (tmp_path / 'sweep_results.md').read_text().splitlines()
   assert md[2].startswith('| rank | seed | best val acc |')
   assert md[4] == '| 1 | 1 | 97.00% | 1 | 91.00% | 2 | 20 | 12 | done |'
+  assert md[6] == ('| 3 | 3 | 93.00% | 1 | 99.90% | 1 | 10 | 12 | '
+                   'stopped early |')
   assert md[7].endswith('| failed: NonFiniteLossError: loss is nan |')
-
-
-# ----------------------------------------------------------------- running
-
-def _short(config):
-  config.num_epochs = 1
-  config.num_train_steps = 5
-  return config
-
-
-# The last point fails at run time: its batch is larger than the 600 images.
-_SWEEP = sweep.product(initial_learning_rate=[0.001, 0.02]) + [
-    {'batch_size': 1024}]
-
-
-def _hparams_events(logdir):
-  """What TensorBoard's HParams plugin reads from a run's directory: the
-  session's hyperparameters (or the experiment) and the scalars."""
-  from tensorboard.backend.event_processing import event_accumulator as ea  # pylint: disable=g-import-not-at-top
-  from tensorboard.plugins.hparams import metadata  # pylint: disable=g-import-not-at-top
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  acc = ea.EventAccumulator(logdir, size_guidance={ea.TENSORS: 0})
-  acc.Reload()
-  content = acc.PluginTagToContent('hparams')
-  scalars = {tag: float(tf.make_ndarray(acc.Tensors(tag)[-1].tensor_proto))
-             for tag in acc.Tags()['tensors'] if tag.startswith('sweep/')}
-  if metadata.EXPERIMENT_TAG in content:
-    return metadata.parse_experiment_plugin_data(
-        content[metadata.EXPERIMENT_TAG]), scalars
-  info = metadata.parse_session_start_info_plugin_data(
-      content[metadata.SESSION_START_INFO_TAG])
-  return {k: v.number_value for k, v in info.hparams.items()}, scalars
-
-
-def _mtimes(workdir):
-  return {name: os.path.getmtime(os.path.join(workdir, name, 'metrics.json'))
-          for name in os.listdir(workdir)
-          if os.path.exists(os.path.join(workdir, name, 'metrics.json'))}
-
-
-@pytest.mark.slow
-def test_sweep_ranks_points_records_failure_and_rerun_skips(tiny_config,
-                                                             tmp_path):
-  config, workdir = _short(tiny_config), str(tmp_path / 'w')
-  finished = []
-  points = sweep_run.run_sweep(config, _SWEEP, workdir, in_process=True,
-                               on_finish=finished.append)
-  assert len(finished) == 3
-
-  with open(os.path.join(workdir, 'sweep_results.csv')) as f:
-    rows = list(csv.DictReader(f))
-  done = [r for r in rows if r['status'] == 'done']
-  assert sorted(r['point'] for r in done) == [
-      'initial_learning_rate=0.001', 'initial_learning_rate=0.02']
-  accs = [float(r['best_validation_accuracy']) for r in done]
-  assert accs == sorted(accs, reverse=True) and len(set(accs)) == 2
-  for row in done:  # Each row is its own point's run.
-    with open(os.path.join(workdir, row['point'], 'metrics.json')) as f:
-      metrics = json.load(f)
-    assert float(row['best_validation_accuracy']) == max(
-        e['validation_accuracy'] for e in metrics['epochs'])
-    assert float(row['test_accuracy']) == metrics['final']['test_accuracy']
-    assert metrics['step'] == 5 and row['steps'] == '5'
-    assert str(metrics['config']['initial_learning_rate']) == row[
-        'initial_learning_rate']
-    hparams, scalars = _hparams_events(os.path.join(workdir, row['point']))
-    assert hparams == {'initial_learning_rate': float(
-        row['initial_learning_rate'])}
-    assert scalars['sweep/best_validation_accuracy'] == pytest.approx(
-        float(row['best_validation_accuracy']))
-  experiment, _ = _hparams_events(workdir)  # The dashboard's columns.
-  assert [h.name for h in experiment.hparam_infos] == [
-      'initial_learning_rate', 'batch_size']
-  assert 'sweep/best_validation_accuracy' in [
-      m.name.tag for m in experiment.metric_infos]
-  assert rows[-1]['point'] == 'batch_size=1024'
-  assert rows[-1]['status'] == 'failed'
-  assert 'ConfigError: config.batch_size=1024 is larger' in rows[-1]['error']
-  assert [p.status['attempts'] for p in points] == [1, 1, 1]
-
-  # Re-running does no repeated work: finished points are skipped (their
-  # metrics.json untouched), only the failed one is retried.
-  before, finished = _mtimes(workdir), []
-  points = sweep_run.run_sweep(config, _SWEEP, workdir, in_process=True,
-                               on_finish=finished.append)
-  assert [p.name for p in finished] == ['batch_size=1024']
-  assert [p.skipped for p in points] == [True, True, False]
-  assert _mtimes(workdir) == before
-  assert [p.status['attempts'] for p in points] == [1, 1, 2]
-
-  # A field added to the config since (a code change) is no change of run.
-  config.added_since = 1
-  points = sweep_run.run_sweep(config, _SWEEP, workdir, in_process=True)
-  assert [p.skipped for p in points] == [True, True, False]
-
-  # The same sweep over a different base config is refused, not mixed in.
-  config.seed = 4
-  with pytest.raises(ConfigError,
-                     match=r'different config \(differs in seed\)'):
-    sweep_run.run_sweep(config, _SWEEP, workdir, in_process=True)
-
-
-_CONFIG_FILE = '''
-import sys
-sys.path.insert(0, {tests!r})
-import conftest
-from mnist_jax import sweep
-
-def get_config():
-  config = conftest.tiny_config_for({data!r})
-  config.num_epochs = 1
-  config.num_train_steps = 5
-  config.checkpoint_every_steps = 2
-  return config
-
-def get_sweep():
-  return [{{'seed': 1}}, {{'batch_size': 1024}}]  # The second one fails.
-'''
-
-
-@pytest.mark.slow
-def test_launch_sweep_parallel_workers_crash_and_resume(idx_dir, tmp_path,
-                                                         capfd):
-  config_file = tmp_path / 'tiny_sweep.py'
-  config_file.write_text(_CONFIG_FILE.format(
-      tests=os.path.join(ROOT, 'tests'), data=idx_dir))
-  workdir = str(tmp_path / 'w')
-  # Every worker is SIGKILLed in step 3, after its step-2 checkpoint landed:
-  # a hard crash that only a separate process survives.
-  env = dict(os.environ, MNIST_JAX_TEST_FAULT='kill_in_step:3')
-  proc = subprocess.run(
-      [sys.executable, 'launch.py', '--config', str(config_file), '--sweep',
-       '--sweep_parallel=2', '--workdir', workdir, '--config.weight_decay=0'],
-      cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 1, proc.stdout + proc.stderr
-  assert '2 to run, 2 at a time' in proc.stdout
-  assert '2 of 2 points failed (seed=1, batch_size=1024)' in proc.stderr
-  assert '| 1 | 1 |  |' in proc.stdout  # The table is printed.
-  status = {name: json.load(open(os.path.join(workdir, name,
-                                              'sweep_status.json')))
-            for name in ('seed=1', 'batch_size=1024')}
-  assert status['seed=1']['error'].startswith('worker exited with status -9')
-  # The worker's own one-line account, not just an exit status.
-  assert status['batch_size=1024']['error'].startswith(
-      'ConfigError: config.batch_size=1024 is larger')
-  with open(os.path.join(workdir, 'batch_size=1024', 'sweep_log.txt')) as f:
-    assert 'Traceback' in f.read()
-
-  # Re-running (in-process here, to keep the test fast) resumes the crashed
-  # point from its checkpoint with the command line's override kept.
-  sys.path.insert(0, str(tmp_path))
-  try:
-    import tiny_sweep  # pylint: disable=g-import-not-at-top
-  finally:
-    sys.path.remove(str(tmp_path))
-  config = tiny_sweep.get_config()
-  config.weight_decay = 0.0
-  capfd.readouterr()
-  points = sweep_run.run_sweep(config, tiny_sweep.get_sweep(), workdir,
-                               in_process=True)
-  assert 'Resuming from step 2' in capfd.readouterr().out
-  assert [p.status['status'] for p in points] == ['done', 'failed']
-  assert [p.status['attempts'] for p in points] == [2, 2]
-  with open(os.path.join(workdir, 'seed=1', 'metrics.json')) as f:
-    metrics = json.load(f)
-  assert metrics['step'] == 5
-  assert metrics['config']['seed'] == 1
-  assert metrics['config']['weight_decay'] == 0

@@ -125,9 +125,10 @@ def train_and_evaluate(
     config: the run's hyperparameters (see configs/default.py).
     workdir: where metrics.json, checkpoints and summaries go.
     hooks: what runs around training; default `default_hooks(config)`.
-    on_epoch: called with each epoch's record after its evaluation (e.g. by
-      a sweep's scheduler); returning True stops the run there, with a
-      checkpoint, as a pre-emption would.
+    on_epoch: called on the lead process with each epoch's record after its
+      evaluation, before the hooks' `on_epoch_end` (a sweep's scheduler
+      blocks in it until it decides); returning True stops the run there,
+      with a checkpoint, as a pre-emption would (not after the last epoch).
 
   Returns:
     The metrics written to `<workdir>/metrics.json`: per-epoch records, the
@@ -301,9 +302,10 @@ class _Loop:
               run.eval_fn, state.params, split).items()})
       self.history.append(record)
       parallel.say(epoch_line(record))
+      stop = (self.on_epoch is not None and parallel.is_lead()
+              and self.on_epoch(dict(record)) and step < run.total_steps)
       state = self._call('on_epoch_end', state, epoch + 1, step, state, record)
-      if (self.on_epoch is not None and parallel.is_lead()
-          and self.on_epoch(dict(record)) and step < run.total_steps):
+      if stop:
         self.stop = 'requested'
         return self._stop(state, step), self.stop
     return state, None

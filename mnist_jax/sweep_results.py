@@ -18,6 +18,8 @@ import glob
 import os
 from typing import Any, Sequence
 
+from mnist_jax import tf_setup
+
 CSV_FILE = 'sweep_results.csv'
 MD_FILE = 'sweep_results.md'
 # Metrics written for the HParams dashboard, with their display names.
@@ -144,7 +146,6 @@ def write_point_hparams(point_workdir: str, overrides: dict[str, Any],
   if row.get('best_validation_accuracy') is None:
     return
   from clu import metric_writers  # pylint: disable=g-import-not-at-top
-  from mnist_jax import tf_setup  # pylint: disable=g-import-not-at-top
   tf_setup.hide_accelerators_from_tf()
   writer = metric_writers.SummaryWriter(point_workdir)
   writer.write_hparams(dict(overrides))
@@ -163,7 +164,6 @@ def write_hparams_config(workdir: str,
     return
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from tensorboard.plugins.hparams import api as hp  # pylint: disable=g-import-not-at-top
-  from mnist_jax import tf_setup  # pylint: disable=g-import-not-at-top
   tf_setup.hide_accelerators_from_tf()
   hparams = []
   for key in override_keys(overrides):

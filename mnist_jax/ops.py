@@ -33,6 +33,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from mnist_jax import onednn
+
 Padding = Union[str, Sequence[Tuple[int, int]]]
 
 _DIMENSION_NUMBERS = ('NHWC', 'HWIO', 'NHWC')
@@ -42,6 +44,11 @@ _DIMENSION_NUMBERS = ('NHWC', 'HWIO', 'NHWC')
 # GEMM (plus its two GEMM gradients) beats the convolution kernels, while for
 # conv2 (5x5x32 = 800) materialising the patches costs more than it saves.
 _IM2COL_MAX_PATCH_SIZE = 128
+
+# Matmuls with at least this many multiply-adds (fc3: 1.6 G at batch 512)
+# take their gradients from oneDNN where available; for small ones (fc4) the
+# call overhead is not worth it.
+_ONEDNN_MIN_MATMUL = 1 << 24
 
 
 def _explicit_padding(kernel_hw: Tuple[int, int],
@@ -109,14 +116,32 @@ def _conv2d_canonical_bwd(pads, residuals, g):
   g_h, g_w = g.shape[1:3]
   dx_pads = ((kh - 1 - pt, h - g_h + pt), (kw - 1 - pl, w - g_w + pl))
   dx = _canonical_conv(g, flipped.astype(g.dtype), dx_pads)
-  # Kernel gradient: correlate the padded input with g, with the batch
-  # dimension playing the role of the input channels:
-  #   x^T [C, H+pads, W+pads, N]  (*)  g^T [H', W', N, O]  ->  [C, KH, KW, O].
+  dk = _on_cpu_onednn(
+      functools.partial(_xla_conv_kernel_grad, pads=pads),
+      functools.partial(onednn.conv_kernel_grad, kernel_hw=(kh, kw),
+                        pads=pads), x, g.astype(x.dtype))
+  return dx.astype(x.dtype), dk.astype(kernel.dtype)
+
+
+def _xla_conv_kernel_grad(x, g, pads):
+  """Kernel gradient as one canonical convolution: the padded input with g,
+  the batch dimension playing the role of the input channels:
+    x^T [C, H+pads, W+pads, N]  (*)  g^T [H', W', N, O]  ->  [C, KH, KW, O].
+  """
+  (pt, pb), (pl, pr) = pads
   x_t = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0))).transpose(3, 1, 2, 0)
   g_t = g.transpose(1, 2, 0, 3)
-  dk = _canonical_conv(x_t, g_t.astype(x_t.dtype), ((0, 0), (0, 0)))
-  dk = dk.transpose(1, 2, 0, 3)
-  return dx.astype(x.dtype), dk.astype(kernel.dtype)
+  dk = _canonical_conv(x_t, g_t, ((0, 0), (0, 0)))
+  return dk.transpose(1, 2, 0, 3)
+
+
+def _on_cpu_onednn(xla_fn, onednn_fn, *args):
+  """`onednn_fn(*args)` on the CPU backend when the oneDNN kernels are
+  available for these arrays (float32, library loaded), else `xla_fn(*args)`.
+  Both compute the same function; only the CPU branch is lowered on CPU."""
+  if not onednn.available(*args):
+    return xla_fn(*args)
+  return lax.platform_dependent(*args, cpu=onednn_fn, default=xla_fn)
 
 
 _conv2d_canonical_grads.defvjp(_conv2d_canonical_fwd, _conv2d_canonical_bwd)
@@ -292,5 +317,29 @@ def dense_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
   if (kh, kw, kc) != (h, w, c):
     raise ValueError(f'dense_conv needs a kernel covering the input: x '
                      f'{x.shape}, kernel {kernel.shape}')
-  y = jnp.dot(x.reshape(n, h * w * c), kernel.reshape(h * w * c, o))
+  a, b = x.reshape(n, h * w * c), kernel.reshape(h * w * c, o)
+  y = _matmul(a, b) if n * h * w * c * o >= _ONEDNN_MIN_MATMUL else a @ b
   return y.reshape(n, 1, 1, o)
+
+
+@jax.custom_vjp
+def _matmul(a, b):
+  """a @ b whose two gradient GEMMs run on oneDNN where available."""
+  return a @ b
+
+
+def _matmul_fwd(a, b):
+  return a @ b, (a, b)
+
+
+def _matmul_bwd(residuals, g):
+  a, b = residuals
+  g = g.astype(a.dtype)
+  da = _on_cpu_onednn(lambda g, b: g @ b.T,
+                      functools.partial(onednn.matmul, transpose_b=True), g, b)
+  db = _on_cpu_onednn(lambda a, g: a.T @ g,
+                      functools.partial(onednn.matmul, transpose_a=True), a, g)
+  return da, db.astype(b.dtype)
+
+
+_matmul.defvjp(_matmul_fwd, _matmul_bwd)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from mnist_jax.errors import ConfigError
 
 DATA_SOURCES = ('tfds', 'idx')
-LOWERINGS = ('fast', 'reference')
+LOWERINGS = ('auto', 'fast', 'reference')
 DTYPES = ('float32', 'bfloat16')
 PARALLELISMS = ('jit', 'pmap')
 
@@ -42,7 +42,7 @@ def validate(config) -> None:
         'num_train_steps', 'must be -1 (use num_epochs) or > 0.')
   check(config.data.source in DATA_SOURCES, 'data.source',
         f'unknown data source; use one of {DATA_SOURCES}.')
-  check(config.get('lowering', 'fast') in LOWERINGS, 'lowering',
+  check(config.get('lowering', 'auto') in LOWERINGS, 'lowering',
         f'use one of {LOWERINGS}.')
   check(config.get('dtype', 'float32') in DTYPES, 'dtype',
         f'use one of {DTYPES}.')

@@ -14,11 +14,13 @@ caller asks for the collection (`mutable=['intermediates']`), so the end points
 cost nothing in normal training steps.
 
 The function is fixed; its lowering is not. `lowering='reference'` uses what
-`nn.Conv`/`nn.max_pool` lower to; `lowering='fast'` (default) uses the
-equivalent operations in `mnist_jax.ops` that XLA:CPU runs several times
-faster (fc3 as a matmul, max-pool as reshape + max, convolution gradients in
-canonical form). Parameters are identical either way (HWIO conv kernels), so
-checkpoints and summaries do not depend on the lowering.
+`nn.Conv`/`nn.max_pool` lower to (what XLA:GPU/TPU tune); `lowering='fast'`
+uses the equivalent operations in `mnist_jax.ops` that XLA:CPU runs several
+times faster (fc3 as a matmul, max-pool as reshape + max, convolution
+gradients in canonical form or on oneDNN); `lowering='auto'` (default) picks
+'fast' on the CPU backend and 'reference' elsewhere. Parameters are identical
+either way (HWIO conv kernels), so checkpoints and summaries do not depend on
+the lowering.
 """
 
 from __future__ import annotations
@@ -36,6 +38,16 @@ END_POINTS = ('conv1', 'pool1', 'conv2', 'pool2', 'fc3', 'dropout3', 'fc4')
 # TF's variance_scaling_initializer(factor=1.0, mode='FAN_AVG', uniform=False):
 # a truncated normal with variance 1 / fan_avg.
 kernel_init = nn.initializers.variance_scaling(1.0, 'fan_avg', 'truncated_normal')
+
+
+def resolve_lowering(lowering: str) -> str:
+  """'auto' -> 'fast' on the CPU backend, 'reference' on GPU/TPU."""
+  if lowering == 'auto':
+    return 'fast' if jax.default_backend() == 'cpu' else 'reference'
+  if lowering not in ('fast', 'reference'):
+    raise ValueError(f"lowering must be 'auto', 'fast' or 'reference', got "
+                     f'{lowering!r}')
+  return lowering
 
 
 class Conv(nn.Module):
@@ -78,24 +90,24 @@ class CNN(nn.Module):
     num_classes: outputs of fc4.
     dropout_keep_prob: keep probability of the dropout after fc3 (the
       tutorial's 0.5); dropout is applied only when `train=True`.
-    lowering: 'fast' or 'reference' (same function, different XLA ops).
+    lowering: 'auto', 'fast' or 'reference' (same function, different XLA
+      ops; 'auto' is 'fast' on CPU, 'reference' on accelerators).
     dtype: compute dtype of activations; parameters are always float32.
   """
   num_classes: int = 10
   dropout_keep_prob: float = 0.5
-  lowering: str = 'fast'
+  lowering: str = 'auto'
   dtype: Any = jnp.float32
 
   def setup(self):
-    if self.lowering not in ('fast', 'reference'):
-      raise ValueError(f"lowering must be 'fast' or 'reference', got "
-                       f'{self.lowering!r}')
+    resolve_lowering(self.lowering)  # validates
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    lowering = resolve_lowering(self.lowering)
     conv = lambda f, k, pad, act, name: Conv(  # pylint: disable=g-long-lambda
-        f, (k, k), pad, act, self.lowering, self.dtype, name=name)
-    pool = (ops.reference_max_pool_2x2 if self.lowering == 'reference'
+        f, (k, k), pad, act, lowering, self.dtype, name=name)
+    pool = (ops.reference_max_pool_2x2 if lowering == 'reference'
             else ops.max_pool_2x2)
 
     points = {}
@@ -118,7 +130,7 @@ def create_model(config) -> CNN:
   """The model chosen by `config`."""
   return CNN(num_classes=config.num_classes,
              dropout_keep_prob=config.dropout_keep_prob,
-             lowering=config.get('lowering', 'fast'),
+             lowering=config.get('lowering', 'auto'),
              dtype=jnp.dtype(config.get('dtype', 'float32')))
 
 

@@ -7,6 +7,8 @@ import re
 import statistics
 import sys
 
+import numpy as np
+
 
 # The CPU features that decide which XLA:CPU kernels are fast here.
 _CPU_FEATURES = ('avx2', 'avx512f', 'avx512_bf16', 'avx512_vnni', 'amx_bf16',
@@ -51,7 +53,23 @@ def machine_info() -> dict:
       'device_kind': devices[0].device_kind, 'device_count': len(devices),
       'backend': jax.default_backend(),
       'xla_flags': os.environ.get('XLA_FLAGS', ''), 'versions': versions,
+      'onednn_kernels': _onednn_info(),
   }
+
+
+def _onednn_info() -> str:
+  """Whether the project's oneDNN kernels load, and which ones run."""
+  if 'mnist_jax' not in sys.modules:
+    # lowering.py's driver must not import the package: it would add the
+    # project's XLA flags to the flag sets its subprocesses measure.
+    return 'not checked (mnist_jax not imported)'
+  from mnist_jax import onednn  # pylint: disable=g-import-not-at-top
+  if not onednn.available(np.zeros(1, np.float32)):
+    return 'unavailable: ' + onednn._state['reason']  # pylint: disable=protected-access
+  return ('conv2 kernel grad ' + onednn.impl_info(
+      'conv_bwd_weights', [512, 14, 14, 32, 14, 14, 64, 5, 5, 2, 2, 2, 2])
+          + ', fc3 matmul ' + onednn.impl_info('matmul',
+                                               [512, 1024, 3136, 0, 1]))
 
 
 def cpu_slug(machine: dict) -> str:

@@ -12,7 +12,9 @@ times the same ops as the reference model computes them (NCHW, oneDNN; fc3
 and fc4 as convolutions). The two alternate, `--rounds` times, and each op's
 figure is the median over rounds. The whole step is also timed (jit of one
 `train.train_step`, fixed batch), so the sum of the ops can be compared with
-it (the difference is fused elementwise work, loss and dispatch).
+it (the difference is fused elementwise work, loss and dispatch). The project
+is timed twice per round: as it runs (with the oneDNN kernels of
+`mnist_jax.onednn` where available) and pure XLA (`MNIST_JAX_NO_ONEDNN=1`).
 """
 
 import argparse
@@ -33,6 +35,7 @@ import jax.numpy as jnp  # noqa: E402
 from benchmarks import common  # noqa: E402
 from configs import default  # noqa: E402
 from mnist_jax import models  # noqa: E402
+from mnist_jax import onednn  # noqa: E402
 from mnist_jax import ops  # noqa: E402
 from mnist_jax import train  # noqa: E402
 
@@ -159,15 +162,15 @@ def markdown(machine: dict, table: dict, load: list) -> str:
       'ms per call, median over rounds of the median of single calls '
       '(min-max over rounds). Written by `benchmarks/op_breakdown.py`.',
       '',
-      '| op | shape | PyTorch ms | XLA ms | XLA / PyTorch |',
-      '|---|---|---|---|---|']
+      '| op | shape | PyTorch | XLA only | project (XLA + oneDNN) | '
+      'project / PyTorch |',
+      '|---|---|---|---|---|---|']
+  cell = lambda x: f"{x['median']:.1f} ({x['min']:.1f}-{x['max']:.1f})"  # noqa: E731
   for op, what in OPS:
-    t, x = table['torch'][op], table['jax'][op]
-    lines.append(
-        f"| {op} | {what} | {t['median']:.1f} ({t['min']:.1f}-{t['max']:.1f})"
-        f" | {x['median']:.1f} ({x['min']:.1f}-{x['max']:.1f}) | "
-        f"{x['median'] / t['median']:.2f} |")
-  for name in ('torch', 'jax'):
+    t, x, p = (table[n][op] for n in ('torch', 'xla_only', 'jax'))
+    lines.append(f"| {op} | {what} | {cell(t)} | {cell(x)} | {cell(p)} | "
+                 f"{p['median'] / t['median']:.2f} |")
+  for name in ('torch', 'xla_only', 'jax'):
     parts = sum(table[name][op]['median'] for op, _ in OPS[:-1])
     lines.append(f"\nSum of the ops, {name}: {parts:.0f} ms; whole step "
                  f"{table[name]['whole step']['median']:.0f} ms.")
@@ -189,7 +192,7 @@ def main():
   if not args.torch_python:
     parser.error('give --torch_python or set TORCH_PYTHON')
   config = default.get_config()
-  runs = {'torch': [], 'jax': []}
+  runs = {'torch': [], 'xla_only': [], 'jax': []}
   load = []
   extra = {}
   for r in range(args.rounds):
@@ -197,9 +200,12 @@ def main():
     t = torch_ops(args)
     runs['torch'].append(t['ms'])
     extra = {k: v for k, v in t.items() if k != 'ms'}
+    os.environ[onednn.DISABLE_ENV_VAR] = '1'
+    runs['xla_only'].append(jax_ops(args.batch, args.calls, config))
+    del os.environ[onednn.DISABLE_ENV_VAR]
     runs['jax'].append(jax_ops(args.batch, args.calls, config))
-    print(f'round {r}: ' + ', '.join(
-        f"{op} {runs['torch'][-1][op]:.1f}/{runs['jax'][-1][op]:.1f}"
+    print(f'round {r} (torch/xla only/project ms): ' + ', '.join(
+        f"{op} " + '/'.join(f'{runs[n][-1][op]:.1f}' for n in runs)
         for op, _ in OPS), flush=True)
   table = {name: {op: common.summarize(run[op] for run in runs[name])
                   for op, _ in OPS} for name in runs}

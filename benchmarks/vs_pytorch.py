@@ -11,7 +11,9 @@ Throughput mode (default) interleaves, `--rounds` times, A B A B ...:
      one epoch of dispatches a window, compiled once before round 1) and then
      end-to-end training (`throughput.end_to_end`: `train_and_evaluate` with
      the default hooks, one timed epoch after a compiling one).
-Each project figure is divided by the PyTorch figure of its own round, so a
+With `--xla_baseline`, every round also times the bare step compiled without
+the oneDNN kernels (`MNIST_JAX_NO_ONEDNN=1`: the pure-XLA lowering), after the
+project's. Each project figure is divided by the PyTorch figure of its own round, so a
 ratio never mixes load conditions further apart than one round. The load
 average is recorded before every measurement.
 
@@ -35,6 +37,7 @@ import mnist_jax  # noqa: E402,F401  (XLA flags first)
 from benchmarks import common  # noqa: E402
 from benchmarks import throughput  # noqa: E402
 from configs import default  # noqa: E402
+from mnist_jax import onednn  # noqa: E402
 from mnist_jax import train  # noqa: E402
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -80,6 +83,11 @@ def throughput_campaign(args) -> dict:
   config = _config(args)
   bare_epoch, _ = throughput.make_bare_epoch(config)
   bare_epoch()  # compiles every dispatch length
+  if args.xla_baseline:
+    os.environ[onednn.DISABLE_ENV_VAR] = '1'  # read when tracing
+    xla_epoch, _ = throughput.make_bare_epoch(config)
+    xla_epoch()
+    del os.environ[onednn.DISABLE_ENV_VAR]
   torch_extra = ['--windows', str(args.torch_windows)]
   rounds = []
   for r in range(args.rounds):
@@ -93,6 +101,11 @@ def throughput_campaign(args) -> dict:
     bare = [bare_epoch() for _ in range(args.bare_windows)]
     row['bare'] = common.summarize(bare)
     row['bare_ratio'] = row['bare']['median'] / torch_ips
+    if args.xla_baseline:
+      row['load_xla_only'] = _load()
+      row['bare_xla_only'] = common.summarize(
+          xla_epoch() for _ in range(args.bare_windows))
+      row['xla_only_ratio'] = row['bare_xla_only']['median'] / torch_ips
     if not args.skip_e2e:
       row['load_e2e'] = _load()
       e2e_config = config.copy_and_resolve_references()
@@ -105,6 +118,8 @@ def throughput_campaign(args) -> dict:
     print(f"round {r}: torch {torch_ips:7.0f} img/s "
           f"({res['ips_min']}-{res['ips_max']}) | bare "
           f"{row['bare']['median']:7.0f} ({row['bare_ratio']:.2f}x)"
+          + (f" | bare pure XLA {row['bare_xla_only']['median']:7.0f} "
+             f"({row['xla_only_ratio']:.2f}x)" if args.xla_baseline else '')
           + ('' if args.skip_e2e else
              f" | e2e train {row['e2e_train']['median']:7.0f} "
              f"({row['e2e_ratio']:.2f}x), whole loop "
@@ -115,6 +130,11 @@ def throughput_campaign(args) -> dict:
       float(r['torch']['images_per_s']) for r in rounds)}
   summary['bare'] = common.summarize(r['bare']['median'] for r in rounds)
   summary['bare_ratio'] = common.summarize(r['bare_ratio'] for r in rounds)
+  if args.xla_baseline:
+    summary['bare_xla_only'] = common.summarize(
+        r['bare_xla_only']['median'] for r in rounds)
+    summary['xla_only_ratio'] = common.summarize(
+        r['xla_only_ratio'] for r in rounds)
   if not args.skip_e2e:
     summary['e2e_train'] = common.summarize(
         r['e2e_train']['median'] for r in rounds)
@@ -136,6 +156,9 @@ def _print_summary(machine, out):
   print(f"  PyTorch eager            {fmt(s['torch'])} img/s")
   print(f"  project bare step        {fmt(s['bare'])} img/s   ratio "
         f"{fmt(s['bare_ratio'], '7.2f')}")
+  if 'bare_xla_only' in s:
+    print(f"  bare step, pure XLA      {fmt(s['bare_xla_only'])} img/s   ratio "
+          f"{fmt(s['xla_only_ratio'], '7.2f')}")
   if 'e2e_train' in s:
     print(f"  project end to end       {fmt(s['e2e_train'])} img/s   ratio "
           f"{fmt(s['e2e_ratio'], '7.2f')}")
@@ -201,6 +224,8 @@ def main():
   parser.add_argument('--torch_windows', type=int, default=5,
                       help='10-step PyTorch windows per round')
   parser.add_argument('--skip_e2e', action='store_true')
+  parser.add_argument('--xla_baseline', action='store_true',
+                      help='also time the bare step without oneDNN kernels')
   parser.add_argument('--epochs', type=int, default=8,
                       help='accuracy mode: epochs each framework trains')
   parser.add_argument('--target', type=float, default=0.99)

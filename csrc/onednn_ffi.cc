@@ -39,6 +39,11 @@ struct Entry {
   bool reorder = false;     // result_md != user_md
   dnnl::reorder to_user;
   memory::desc scratch_md;
+  // Weights the primitive wants in another layout than the caller's (HWIO),
+  // reordered on every call (kernels are small).
+  bool weights_reorder = false;
+  memory::desc weights_md;
+  dnnl::reorder from_user;
 };
 
 std::mutex cache_mutex;
@@ -143,6 +148,89 @@ ffi::Error ConvBackwardWeights(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> g,
                  DNNL_ARG_DIFF_WEIGHTS, dk->typed_data());
 }
 
+// Forward (y = x (*) k) and input gradient (dx from g) of a stride-1
+// NHWC x HWIO convolution; `backward_data` picks which. Buffers: x or g
+// first, the kernel second.
+ffi::Error Conv(ffi::Buffer<ffi::F32> in, ffi::Buffer<ffi::F32> kernel,
+                ffi::ResultBuffer<ffi::F32> out, int64_t pad_t, int64_t pad_b,
+                int64_t pad_l, int64_t pad_r, bool backward_data) {
+  auto id = in.dimensions(), kd = kernel.dimensions(), od = out->dimensions();
+  if (id.size() != 4 || kd.size() != 4 || od.size() != 4) {
+    return ffi::Error::InvalidArgument("conv: rank-4 buffers");
+  }
+  const int64_t kh = kd[0], kw = kd[1], c = kd[2], o = kd[3];
+  // src: x [n, h, w, c]; dst: y [n, oh, ow, o].
+  const auto& xd = backward_data ? od : id;
+  const auto& yd = backward_data ? id : od;
+  const int64_t n = xd[0], h = xd[1], w = xd[2], oh = yd[1], ow = yd[2];
+  memory::desc src({n, c, h, w}, dt::f32, tag::nhwc);
+  memory::desc dst({n, o, oh, ow}, dt::f32, tag::nhwc);
+  memory::desc user_w({o, c, kh, kw}, dt::f32, tag::hwio);
+  std::shared_ptr<Entry> entry;
+  try {
+    entry = Cached(
+        Key(backward_data ? "bwd_d" : "fwd",
+            {n, h, w, c, oh, ow, o, kh, kw, pad_t, pad_b, pad_l, pad_r}),
+        [&] {
+          memory::dims strides{1, 1}, pad_l_{pad_t, pad_l},
+              pad_r_{pad_b, pad_r};
+          memory::desc any_w({o, c, kh, kw}, dt::f32, tag::any);
+          auto fwd = dnnl::convolution_forward::primitive_desc(
+              Engine(), dnnl::prop_kind::forward_training,
+              dnnl::algorithm::convolution_direct, src, any_w, dst, strides,
+              pad_l_, pad_r_, backward_data ? dnnl::primitive_attr()
+                                            : ScratchpadAttr());
+          Entry e;
+          if (backward_data) {
+            auto pd = dnnl::convolution_backward_data::primitive_desc(
+                Engine(), dnnl::algorithm::convolution_direct, src, any_w,
+                dst, strides, pad_l_, pad_r_, fwd, ScratchpadAttr());
+            e.primitive = dnnl::convolution_backward_data(pd);
+            e.scratch_md = pd.scratchpad_desc();
+            e.result_md = e.user_md = src;
+            e.weights_md = pd.weights_desc();
+          } else {
+            e.primitive = dnnl::convolution_forward(fwd);
+            e.scratch_md = fwd.scratchpad_desc();
+            e.result_md = e.user_md = dst;
+            e.weights_md = fwd.weights_desc();
+          }
+          e.weights_reorder = e.weights_md != user_w;
+          if (e.weights_reorder) {
+            e.from_user = dnnl::reorder(memory(user_w, Engine()),
+                                        memory(e.weights_md, Engine()));
+          }
+          return e;
+        });
+  } catch (const dnnl::error& e) {
+    return ffi::Error(ffi::ErrorCode::kInternal,
+                      std::string("oneDNN conv: ") + e.what());
+  }
+  memory w_mem(user_w, Engine(), kernel.typed_data());
+  if (entry->weights_reorder) {
+    try {
+      memory reordered(entry->weights_md, Engine());
+      dnnl::stream stream(Engine());
+      entry->from_user.execute(stream, w_mem, reordered);
+      stream.wait();
+      w_mem = reordered;
+    } catch (const dnnl::error& e) {
+      return ffi::Error(ffi::ErrorCode::kInternal,
+                        std::string("oneDNN reorder: ") + e.what());
+    }
+  }
+  if (backward_data) {
+    return Execute(*entry,
+                   {{DNNL_ARG_DIFF_DST, memory(dst, Engine(), in.typed_data())},
+                    {DNNL_ARG_WEIGHTS, w_mem}},
+                   DNNL_ARG_DIFF_SRC, out->typed_data());
+  }
+  return Execute(*entry,
+                 {{DNNL_ARG_SRC, memory(src, Engine(), in.typed_data())},
+                  {DNNL_ARG_WEIGHTS, w_mem}},
+                 DNNL_ARG_DST, out->typed_data());
+}
+
 // c[M, N] = op(a) @ op(b), op transposing when asked; row-major buffers
 // (a is [M, K], or [K, M] when transposed; b is [K, N] or [N, K]).
 ffi::Error Matmul(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
@@ -192,6 +280,17 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MnistOnednnConvBackwardWeights,
                                   .Attr<int64_t>("pad_l")
                                   .Attr<int64_t>("pad_r"));
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MnistOnednnConv, Conv,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("pad_t")
+                                  .Attr<int64_t>("pad_b")
+                                  .Attr<int64_t>("pad_l")
+                                  .Attr<int64_t>("pad_r")
+                                  .Attr<bool>("backward_data"));
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MnistOnednnMatmul, Matmul,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
@@ -206,7 +305,8 @@ extern "C" int64_t MnistOnednnImplInfo(int64_t kind, const int64_t* dims,
                                        char* out, int64_t size) {
   std::string info;
   try {
-    if (kind == 0) {  // bwd_w: n h w c oh ow o kh kw pt pb pl pr
+    if (kind != 1) {  // conv (0 bwd_w, 2 fwd, 3 fwd + bwd_d): n h w c oh ow o
+                      // kh kw pt pb pl pr
       memory::desc src({dims[0], dims[3], dims[1], dims[2]}, dt::f32,
                        tag::nhwc);
       memory::desc dst({dims[0], dims[6], dims[4], dims[5]}, dt::f32,
@@ -220,6 +320,20 @@ extern "C" int64_t MnistOnednnImplInfo(int64_t kind, const int64_t* dims,
           Engine(), dnnl::algorithm::convolution_direct, src, wa, dst, s, pl,
           pr, fwd);
       info = pd.impl_info_str();
+      if (kind == 2) info = fwd.impl_info_str();
+      if (kind == 3) {
+        memory::desc wu({dims[6], dims[3], dims[7], dims[8]}, dt::f32,
+                        tag::any);
+        auto fwd_u = dnnl::convolution_forward::primitive_desc(
+            Engine(), dnnl::prop_kind::forward_training,
+            dnnl::algorithm::convolution_direct, src, wu, dst, s, pl, pr);
+        info = std::string("fwd ") + fwd_u.impl_info_str() +
+               ", bwd_d " +
+               dnnl::convolution_backward_data::primitive_desc(
+                   Engine(), dnnl::algorithm::convolution_direct, src, wu,
+                   dst, s, pl, pr, fwd_u)
+                   .impl_info_str();
+      }
     } else {  // matmul: m k n ta tb
       memory::desc a({dims[0], dims[1]}, dt::f32, dims[3] ? tag::ba : tag::ab);
       memory::desc b({dims[1], dims[2]}, dt::f32, dims[4] ? tag::ba : tag::ab);

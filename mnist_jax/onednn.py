@@ -22,6 +22,7 @@ import numpy as np
 
 DISABLE_ENV_VAR = 'MNIST_JAX_NO_ONEDNN'
 _TARGETS = {
+    'mnist_onednn_conv': 'MnistOnednnConv',
     'mnist_onednn_conv_bwd_weights': 'MnistOnednnConvBackwardWeights',
     'mnist_onednn_matmul': 'MnistOnednnMatmul',
 }
@@ -86,6 +87,31 @@ def available(*arrays) -> bool:
   return True
 
 
+def _pad_attrs(pads):
+  (pt, pb), (pl, pr) = pads
+  return dict(pad_t=np.int64(pt), pad_b=np.int64(pb), pad_l=np.int64(pl),
+              pad_r=np.int64(pr))
+
+
+def conv(x: jax.Array, kernel: jax.Array, pads) -> jax.Array:
+  """Stride-1 NHWC x HWIO float32 convolution on oneDNN."""
+  kh, kw, _, o = kernel.shape
+  out = jax.ShapeDtypeStruct(
+      (x.shape[0], x.shape[1] + sum(pads[0]) - kh + 1,
+       x.shape[2] + sum(pads[1]) - kw + 1, o), jnp.float32)
+  return jax.ffi.ffi_call('mnist_onednn_conv', out, vmap_method='sequential')(
+      x, kernel, backward_data=False, **_pad_attrs(pads))
+
+
+def conv_input_grad(g: jax.Array, kernel: jax.Array, input_hw: tuple[int, int],
+                    pads) -> jax.Array:
+  """Input gradient of `conv(x, kernel, pads)` for the cotangent `g`."""
+  out = jax.ShapeDtypeStruct((g.shape[0],) + tuple(input_hw) +
+                             (kernel.shape[2],), jnp.float32)
+  return jax.ffi.ffi_call('mnist_onednn_conv', out, vmap_method='sequential')(
+      g, kernel, backward_data=True, **_pad_attrs(pads))
+
+
 def conv_kernel_grad(x: jax.Array, g: jax.Array, kernel_hw: tuple[int, int],
                      pads) -> jax.Array:
   """Kernel gradient of a stride-1 NHWC x HWIO convolution, on oneDNN.
@@ -100,13 +126,10 @@ def conv_kernel_grad(x: jax.Array, g: jax.Array, kernel_hw: tuple[int, int],
     [KH, KW, C, O] float32: sum over n, h, w of
     xpad[n, h + i, w + j, c] * g[n, h, w, o].
   """
-  (pt, pb), (pl, pr) = pads
   out = jax.ShapeDtypeStruct(tuple(kernel_hw) + (x.shape[3], g.shape[3]),
                              jnp.float32)
   return jax.ffi.ffi_call('mnist_onednn_conv_bwd_weights', out,
-                          vmap_method='sequential')(
-                              x, g, pad_t=np.int64(pt), pad_b=np.int64(pb),
-                              pad_l=np.int64(pl), pad_r=np.int64(pr))
+                          vmap_method='sequential')(x, g, **_pad_attrs(pads))
 
 
 def matmul(a: jax.Array, b: jax.Array, *, transpose_a: bool = False,
@@ -125,15 +148,16 @@ def impl_info(kind: str, dims) -> str:
   """The oneDNN implementation picked for a shape (e.g. 'brg:avx512_core').
 
   Args:
-    kind: 'conv_bwd_weights' (dims: n h w c oh ow o kh kw pt pb pl pr) or
-      'matmul' (dims: m k n transpose_a transpose_b).
+    kind: 'conv_bwd_weights', 'conv' (forward and input gradient) (dims: n h
+      w c oh ow o kh kw pt pb pl pr) or 'matmul' (dims: m k n transpose_a
+      transpose_b).
     dims: the integers above.
   """
   if not _load():
     return f"unavailable: {_state['reason']}"
   arr = (ctypes.c_int64 * len(dims))(*dims)
   buf = ctypes.create_string_buffer(256)
-  _state['lib'].MnistOnednnImplInfo(
-      ctypes.c_int64(0 if kind == 'conv_bwd_weights' else 1), arr, buf,
-      ctypes.c_int64(256))
+  code = {'conv_bwd_weights': 0, 'matmul': 1, 'conv': 3}[kind]
+  _state['lib'].MnistOnednnImplInfo(ctypes.c_int64(code), arr, buf,
+                                    ctypes.c_int64(256))
   return buf.value.decode()

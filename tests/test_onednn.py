@@ -53,6 +53,23 @@ def test_conv_kernel_grad_equals_xla(x_shape, k_hw, pads):
 
 
 @needs_kernels
+@pytest.mark.parametrize('x_shape,k_shape,pads', [
+    ((4, 14, 14, 32), (5, 5, 32, 64), ((2, 2), (2, 2))),
+    ((3, 28, 28, 1), (5, 5, 1, 32), ((2, 2), (2, 2))),
+    ((3, 9, 8, 5), (4, 3, 5, 7), ((1, 2), (0, 3))),
+])
+def test_conv_and_input_grad_equal_xla(x_shape, k_shape, pads):
+  x = jax.random.normal(jax.random.key(0), x_shape)
+  k = jax.random.normal(jax.random.key(1), k_shape)
+  y = jax.jit(lambda x, k: onednn.conv(x, k, pads))(x, k)
+  _assert_close(y, ops._canonical_conv(x, k, pads))  # pylint: disable=protected-access
+  g = jax.random.normal(jax.random.key(2), y.shape)
+  dx = jax.jit(lambda g, k: onednn.conv_input_grad(g, k, x_shape[1:3], pads))(
+      g, k)
+  _assert_close(dx, ops._xla_conv_input_grad(g, k, x_shape[1:3], pads))  # pylint: disable=protected-access
+
+
+@needs_kernels
 @pytest.mark.parametrize('transpose_a', [False, True])
 @pytest.mark.parametrize('transpose_b', [False, True])
 def test_matmul_equals_numpy(transpose_a, transpose_b):
@@ -91,7 +108,10 @@ def _fc3_inputs():
 def test_network_gradients_use_onednn_and_match_reference():
   x, k = _conv2_inputs()
   grad = jax.grad(_conv2_loss(ops.conv2d), (0, 1))
-  assert 'mnist_onednn_conv_bwd_weights' in _hlo(grad, x, k)
+  hlo = _hlo(grad, x, k)
+  for target in ('"mnist_onednn_conv"', 'mnist_onednn_conv_bwd_weights'):
+    assert target in hlo
+  assert hlo.count('"mnist_onednn_conv"') == 2  # forward and input gradient
   want = jax.grad(_conv2_loss(ops.reference_conv2d), (0, 1))(x, k)
   for g, w in zip(jax.jit(grad)(x, k), want):
     _assert_close(g, w)

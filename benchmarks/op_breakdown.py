@@ -59,16 +59,22 @@ OPS = (
 )
 
 
-def bench(fn, *args, calls: int) -> float:
-  """Median ms of `calls` calls of a jitted fn (two warm-up calls)."""
+def bench(fn, *args, calls: int) -> tuple[float, float]:
+  """(median wall ms, mean CPU ms) of `calls` calls of a jitted fn.
+
+  CPU time (user + system, all threads of this process) is less sensitive
+  than wall time to other processes sharing the cores.
+  """
   jax.block_until_ready(fn(*args))
   jax.block_until_ready(fn(*args))
   times = []
+  cpu0 = sum(os.times()[:2])
   for _ in range(calls):
     t0 = time.perf_counter()
     jax.block_until_ready(fn(*args))
     times.append(time.perf_counter() - t0)
-  return 1000 * statistics.median(times)
+  cpu = (sum(os.times()[:2]) - cpu0) / calls
+  return 1000 * statistics.median(times), 1000 * cpu
 
 
 def _vjp_wrt(op, which: int):
@@ -137,7 +143,8 @@ def jax_ops(batch: int, calls: int, config) -> dict:
     holder['state'], metrics = step(holder['state'], batch_data, rng)
     return metrics
   r['whole step'] = bench(whole, calls=calls)
-  return r
+  return ({op: v[0] for op, v in r.items()},
+          {op: v[1] for op, v in r.items()})
 
 
 def torch_ops(args) -> dict:
@@ -150,8 +157,9 @@ def torch_ops(args) -> dict:
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def markdown(machine: dict, table: dict, load: list) -> str:
-  lines = [
+def markdown(machine: dict, table: dict, load: list, unit: str,
+             header: bool = True) -> str:
+  lines = [] if not header else [
       f"# Per-op time of one training step, batch 512: XLA:CPU vs PyTorch",
       '',
       f"Machine: {machine['cpu']} ({machine['cpu_vendor']}, family/model "
@@ -159,8 +167,13 @@ def markdown(machine: dict, table: dict, load: list) -> str:
       f"{machine['cpu_flags']}). jax {machine['versions']['jax']}, XLA_FLAGS "
       f"`{machine['xla_flags']}`. Load averages during the runs: {load}.",
       '',
-      'ms per call, median over rounds of the median of single calls '
-      '(min-max over rounds). Written by `benchmarks/op_breakdown.py`.',
+      'Per call, median over rounds (min-max over rounds) of: wall ms, the '
+      'median of single calls; CPU ms, the mean CPU time of this process '
+      '(all threads) per call, which other processes on the cores disturb '
+      'less. Written by `benchmarks/op_breakdown.py`.',
+      '']
+  lines += [
+      f'## {unit}',
       '',
       '| op | shape | PyTorch | XLA only | project (XLA + oneDNN) | '
       'project / PyTorch |',
@@ -172,8 +185,8 @@ def markdown(machine: dict, table: dict, load: list) -> str:
                  f"{p['median'] / t['median']:.2f} |")
   for name in ('torch', 'xla_only', 'jax'):
     parts = sum(table[name][op]['median'] for op, _ in OPS[:-1])
-    lines.append(f"\nSum of the ops, {name}: {parts:.0f} ms; whole step "
-                 f"{table[name]['whole step']['median']:.0f} ms.")
+    lines.append(f"\nSum of the ops, {name}: {parts:.0f}; whole step "
+                 f"{table[name]['whole step']['median']:.0f}.")
   return '\n'.join(lines) + '\n'
 
 
@@ -193,30 +206,40 @@ def main():
     parser.error('give --torch_python or set TORCH_PYTHON')
   config = default.get_config()
   runs = {'torch': [], 'xla_only': [], 'jax': []}
+  cpu_runs = {name: [] for name in runs}
   load = []
   extra = {}
   for r in range(args.rounds):
     load.append([round(v, 2) for v in os.getloadavg()])
     t = torch_ops(args)
     runs['torch'].append(t['ms'])
+    cpu_runs['torch'].append(t['cpu_ms'])
     extra = {k: v for k, v in t.items() if k != 'ms'}
     os.environ[onednn.DISABLE_ENV_VAR] = '1'
-    runs['xla_only'].append(jax_ops(args.batch, args.calls, config))
-    del os.environ[onednn.DISABLE_ENV_VAR]
-    runs['jax'].append(jax_ops(args.batch, args.calls, config))
+    for name in ('xla_only', 'jax'):
+      if name == 'jax':
+        del os.environ[onednn.DISABLE_ENV_VAR]
+      wall, cpu = jax_ops(args.batch, args.calls, config)
+      runs[name].append(wall)
+      cpu_runs[name].append(cpu)
     print(f'round {r} (torch/xla only/project ms): ' + ', '.join(
         f"{op} " + '/'.join(f'{runs[n][-1][op]:.1f}' for n in runs)
         for op, _ in OPS), flush=True)
   table = {name: {op: common.summarize(run[op] for run in runs[name])
                   for op, _ in OPS} for name in runs}
+  cpu_table = {name: {op: common.summarize(run[op] for run in cpu_runs[name])
+                      for op, _ in OPS} for name in runs}
   machine = common.machine_info()
-  md = markdown(machine, table, load)
+  md = markdown(machine, table, load, 'Wall ms')
+  md += '\n' + markdown(machine, cpu_table, load, 'CPU ms (all threads)',
+                        header=False)
   print(md)
   path = args.out
   if path.endswith('/') or os.path.isdir(path):
     path = os.path.join(path, f'perf_breakdown_{common.cpu_slug(machine)}')
   path = path.removesuffix('.json')
   common.write_json(path + '.json', {'machine': machine, 'ms': table,
+                                     'cpu_ms': cpu_table,
                                      'load': load, 'torch': extra,
                                      'args': vars(args)})
   with open(path + '.md', 'w') as f:

@@ -4,8 +4,8 @@ Runs in the PyTorch venv (needs only torch; no JAX, no project imports):
 
   TORCH_PYTHON benchmarks/torch_ops.py --threads 2 [--profile]
 
-Prints one JSON object {op name: ms} (median of `--calls` calls after two
-warm-up calls) with the names `op_breakdown.py` uses. The network is the
+Prints one JSON object with {op name: ms} (median wall time of `--calls`
+calls after two warm-up calls) and {op name: CPU ms per call}, with the names `op_breakdown.py` uses. The network is the
 reference's (`../shared/bench/torch_cnn.py`: NCHW, fc3 a 7x7 convolution, fc4
 a 1x1 convolution, Adam with L2 on the kernels); `--profile` adds
 torch.profiler's per-op self-CPU times of whole training steps.
@@ -18,15 +18,18 @@ import statistics
 import time
 
 
-def bench(fn, calls: int) -> float:
+def bench(fn, calls: int) -> tuple[float, float]:
+  """(median wall ms, mean CPU ms of this process) of `calls` calls."""
   fn()
   fn()
   times = []
+  cpu0 = sum(os.times()[:2])
   for _ in range(calls):
     t0 = time.perf_counter()
     fn()
     times.append(time.perf_counter() - t0)
-  return 1000 * statistics.median(times)
+  cpu = (sum(os.times()[:2]) - cpu0) / calls
+  return 1000 * statistics.median(times), 1000 * cpu
 
 
 def main():
@@ -106,7 +109,9 @@ def main():
     opt.step()
 
   r['whole step'] = bench(step, n)
-  out = {'ms': r, 'torch_version': torch.__version__,
+  out = {'ms': {op: v[0] for op, v in r.items()},
+         'cpu_ms': {op: v[1] for op, v in r.items()},
+         'torch_version': torch.__version__,
          'threads': torch.get_num_threads(), 'params': sum(
              p.numel() for p in params)}
   if args.profile:

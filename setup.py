@@ -22,28 +22,40 @@ def _include_dirs() -> list[str]:
   spec = importlib.util.find_spec('jaxlib')
   if spec and spec.submodule_search_locations:
     dirs.append(os.path.join(spec.submodule_search_locations[0], 'include'))
-  # onednn-devel-cpu-gomp installs its headers as data files under the prefix.
-  for prefix in (sys.prefix, sys.base_prefix):
-    dirs.append(os.path.join(prefix, 'include'))
+  # onednn-devel-cpu-gomp installs its headers as data files under the
+  # prefix it is installed into: pip's isolated build environment (whose
+  # site-packages is on sys.path, <prefix>/lib/pythonX.Y/site-packages), or
+  # this interpreter's prefix.
+  prefixes = [os.path.dirname(os.path.dirname(os.path.dirname(p)))
+              for p in sys.path if p.endswith('site-packages')]
+  for prefix in prefixes + [sys.prefix, sys.base_prefix]:
+    if os.path.exists(os.path.join(prefix, 'include', 'oneapi', 'dnnl')):
+      dirs.append(os.path.join(prefix, 'include'))
   return dirs
 
 
 class OptionalBuildExt(build_ext):
   """build_ext that reports a failed build instead of failing the install."""
 
+  failed = False
+
+  def _report(self, error):
+    if not OptionalBuildExt.failed:
+      OptionalBuildExt.failed = True
+      print(f'mnist_jax: oneDNN kernels not built ({error}); the pure-XLA '
+            'lowering will be used.')
+
   def run(self):
     try:
       super().run()
     except Exception as e:  # pylint: disable=broad-except
-      print(f'mnist_jax: oneDNN kernels not built ({e}); the pure-XLA '
-            'lowering will be used.')
+      self._report(e)
 
   def build_extension(self, ext):
     try:
       super().build_extension(ext)
     except Exception as e:  # pylint: disable=broad-except
-      print(f'mnist_jax: oneDNN kernels not built ({e}); the pure-XLA '
-            'lowering will be used.')
+      self._report(e)
 
 
 setup(

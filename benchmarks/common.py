@@ -3,8 +3,11 @@
 import json
 import os
 import platform
+import re
 import statistics
 import sys
+
+import numpy as np
 
 
 # The CPU features that decide which XLA:CPU kernels are fast here.
@@ -15,12 +18,17 @@ _CPU_FEATURES = ('avx2', 'avx512f', 'avx512_bf16', 'avx512_vnni', 'amx_bf16',
 def machine_info() -> dict:
   """CPU model, cores, devices and library versions, for every JSON result."""
   import jax  # pylint: disable=g-import-not-at-top
-  cpu, cpu_flags = platform.processor(), ''
+  cpu, cpu_flags, vendor, family_model = platform.processor(), '', '', {}
   try:
     with open('/proc/cpuinfo') as f:
       for line in f:
         if line.startswith('model name') and cpu == platform.processor():
           cpu = line.split(':', 1)[1].strip()
+        if line.startswith('vendor_id') and not vendor:
+          vendor = line.split(':', 1)[1].strip()
+        key = line.split(':', 1)[0].strip()
+        if key in ('cpu family', 'model') and key not in family_model:
+          family_model[key] = line.split(':', 1)[1].strip()
         if line.startswith('flags') and not cpu_flags:
           have = line.split(':', 1)[1].split()
           cpu_flags = ' '.join(f for f in _CPU_FEATURES if f in have)
@@ -36,12 +44,43 @@ def machine_info() -> dict:
       versions[name] = None
   devices = jax.devices()
   return {
-      'cpu': cpu, 'cpu_flags': cpu_flags, 'cpu_cores': os.cpu_count(),
+      'cpu': cpu, 'cpu_vendor': vendor,
+      'cpu_family_model': '/'.join(family_model.get(k, '?')
+                                   for k in ('cpu family', 'model')),
+      'cpu_flags': cpu_flags,
+      'cpu_cores': os.cpu_count(),
       'platform': platform.platform(), 'python': sys.version.split()[0],
       'device_kind': devices[0].device_kind, 'device_count': len(devices),
       'backend': jax.default_backend(),
       'xla_flags': os.environ.get('XLA_FLAGS', ''), 'versions': versions,
+      'onednn_kernels': _onednn_info(),
   }
+
+
+def _onednn_info() -> str:
+  """Whether the project's oneDNN kernels load, and which ones run."""
+  if 'mnist_jax' not in sys.modules:
+    # lowering.py's driver must not import the package: it would add the
+    # project's XLA flags to the flag sets its subprocesses measure.
+    return 'not checked (mnist_jax not imported)'
+  from mnist_jax import onednn  # pylint: disable=g-import-not-at-top
+  if not onednn.available(np.zeros(1, np.float32)):
+    return 'unavailable: ' + onednn._state['reason']  # pylint: disable=protected-access
+  return ('conv2 kernel grad ' + onednn.impl_info(
+      'conv_bwd_weights', [512, 14, 14, 32, 14, 14, 64, 5, 5, 2, 2, 2, 2])
+          + ', fc3 matmul ' + onednn.impl_info('matmul',
+                                               [512, 1024, 3136, 0, 1]))
+
+
+def cpu_slug(machine: dict) -> str:
+  """A file-name-safe name of the CPU, e.g. 'intel-xeon-processor-6-207'.
+
+  The model name alone can be generic under a hypervisor ('Intel(R) Xeon(R)
+  Processor'), so the family and model numbers are appended.
+  """
+  words = re.sub(r'\(r\)|\(tm\)|cpu|@.*$', ' ', machine['cpu'].lower())
+  words += ' ' + machine.get('cpu_family_model', '').replace('?', '')
+  return re.sub(r'[^a-z0-9]+', '-', words).strip('-') or 'cpu'
 
 
 def summarize(values) -> dict:

@@ -50,12 +50,17 @@ class _EpochClock(base.Hook):
     self.times.append(time.perf_counter())
 
 
-def bare_step(config, windows: int):
-  """img/s of the compiled train_fn alone, one epoch of dispatches a window."""
+def make_bare_epoch(config):
+  """Compiles the train_fn on device-resident data; returns (epoch, ctx).
+
+  `epoch()` runs one epoch of dispatches (blocking at the end) on its own
+  training state and returns its images/s. The first call compiles every
+  dispatch length, so time from the second call on.
+  """
   ctx = train.setup(config, tempfile.mkdtemp(prefix='bench_bare_'))
   n = len(ctx.data.train)
-  state = parallel.put_replicated(steps.create_train_state(
-      config, ctx.model, n, ctx.rngs['init']), ctx.mesh)
+  holder = {'state': parallel.put_replicated(steps.create_train_state(
+      config, ctx.model, n, ctx.rngs['init']), ctx.mesh)}
   data = parallel.put_replicated({'image': ctx.data.train.images,
                                   'label': ctx.data.train.labels}, ctx.mesh)
   train_fn = steps.make_train_fn(config, n, ctx.mesh)
@@ -63,20 +68,26 @@ def bare_step(config, windows: int):
   k, spe = config.steps_per_dispatch, ctx.steps_per_epoch
   lengths = [k] * (spe // k) + ([spe % k] if spe % k else [])
 
-  def epoch(state):
+  def epoch() -> float:
+    t0 = time.perf_counter()
+    state = holder['state']
     for length in lengths:
       state, metrics = train_fn(state, data, perm, ctx.rngs['dropout'],
                                 num_steps=length)
     jax.block_until_ready((state, metrics))
-    return state
+    holder['state'] = state
+    return spe * config.batch_size / (time.perf_counter() - t0)
 
-  state = epoch(state)  # warm-up: compiles every length
-  rates = []
-  for _ in range(windows):
-    t0 = time.perf_counter()
-    state = epoch(state)
-    rates.append(spe * config.batch_size / (time.perf_counter() - t0))
-  return common.summarize(rates), ctx, state
+  epoch.holder = holder
+  return epoch, ctx
+
+
+def bare_step(config, windows: int):
+  """img/s of the compiled train_fn alone, one epoch of dispatches a window."""
+  epoch, ctx = make_bare_epoch(config)
+  epoch()  # warm-up: compiles every length
+  rates = [epoch() for _ in range(windows)]
+  return common.summarize(rates), ctx, epoch.holder['state']
 
 
 def end_to_end(config, windows: int):

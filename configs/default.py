@@ -34,7 +34,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # --- Model (tutorial's network) ---
   config.num_classes = 10  # Output classes.
   config.dropout_keep_prob = 0.5  # Keep probability of the dropout after fc3 (training only).
-  config.lowering = 'fast'  # How layers lower to XLA: 'fast' or 'reference'; same function.
+  config.lowering = 'auto'  # XLA ops: 'fast' (CPU rewrite), 'reference' (nn.Conv); 'auto' = fast on CPU only.
   config.dtype = 'float32'  # Activation/compute dtype ('float32' or 'bfloat16'); params stay f32.
 
   # --- Parallelism (see docs/scaling.md) ---

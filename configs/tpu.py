@@ -41,9 +41,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # call keep the TPU busy instead of waiting on Python.
   config.steps_per_dispatch = 50
   config.checkpoint_every_steps = 500  # A multiple of steps_per_dispatch.
-  # nn.Conv's standard convolutions, which XLA:TPU tunes; 'fast' is the
-  # XLA:CPU rewrite (same parameters and function).
-  config.lowering = 'reference'
   config.data.source = 'tfds'
   config.data.download = 'false'  # Prepared once in the bucket (README); hosts never download.
   config.write_report = True

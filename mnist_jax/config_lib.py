@@ -5,7 +5,7 @@ from __future__ import annotations
 from mnist_jax.errors import ConfigError
 
 DATA_SOURCES = ('tfds', 'idx')
-LOWERINGS = ('fast', 'reference')
+LOWERINGS = ('auto', 'fast', 'reference')
 DTYPES = ('float32', 'bfloat16')
 PARALLELISMS = ('jit', 'pmap')
 DISTRIBUTED_INIT = ('auto', 'yes', 'no')

@@ -4,9 +4,11 @@
     -> fc3 1024@7x7 VALID+ReLU -> dropout3 -> fc4 10@1x1 -> logits [B, 10]
 
 Every layer's output is sown into 'intermediates' as the dict `end_points`.
-`lowering` picks how the layers lower to XLA ('reference': what `nn.Conv` and
-`nn.max_pool` lower to; 'fast': `mnist_jax.ops`, much faster on XLA:CPU); the
-function and the parameters are the same either way.
+`lowering` picks how the layers lower to XLA: 'reference' is what `nn.Conv`
+and `nn.max_pool` lower to (what XLA:GPU/TPU tune); 'fast' is `mnist_jax.ops`
+(oneDNN kernels where built, and forms XLA:CPU runs fast); 'auto' (default)
+is 'fast' on the CPU backend and 'reference' elsewhere. The function and the
+parameters are the same either way.
 """
 
 from __future__ import annotations
@@ -25,6 +27,16 @@ END_POINTS = ('conv1', 'pool1', 'conv2', 'pool2', 'fc3', 'dropout3', 'fc4')
 # TF's variance_scaling_initializer(factor=1.0, mode='FAN_AVG', uniform=False):
 # a truncated normal with variance 1 / fan_avg.
 kernel_init = nn.initializers.variance_scaling(1.0, 'fan_avg', 'truncated_normal')
+
+
+def resolve_lowering(lowering: str) -> str:
+  """'auto' -> 'fast' on the CPU backend, 'reference' on GPU/TPU."""
+  if lowering == 'auto':
+    return 'fast' if jax.default_backend() == 'cpu' else 'reference'
+  if lowering not in ('fast', 'reference'):
+    raise ValueError(f"lowering must be 'auto', 'fast' or 'reference', got "
+                     f'{lowering!r}')
+  return lowering
 
 
 class Conv(nn.Module):
@@ -67,19 +79,21 @@ class CNN(nn.Module):
     num_classes: outputs of fc4.
     dropout_keep_prob: keep probability of the dropout after fc3 (the
       tutorial's 0.5); dropout is applied only when `train=True`.
-    lowering: 'fast' or 'reference' (same function, different XLA ops).
+    lowering: 'auto', 'fast' or 'reference' (same function, different XLA
+      ops; 'auto' is 'fast' on CPU, 'reference' on accelerators).
     dtype: compute dtype of activations; parameters are always float32.
   """
   num_classes: int = 10
   dropout_keep_prob: float = 0.5
-  lowering: str = 'fast'
+  lowering: str = 'auto'
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    lowering = resolve_lowering(self.lowering)
     conv = lambda f, k, pad, act, name: Conv(  # pylint: disable=g-long-lambda
-        f, (k, k), pad, act, self.lowering, self.dtype, name=name)
-    pool = (ops.reference_max_pool_2x2 if self.lowering == 'reference'
+        f, (k, k), pad, act, lowering, self.dtype, name=name)
+    pool = (ops.reference_max_pool_2x2 if lowering == 'reference'
             else ops.max_pool_2x2)
 
     points = {}

@@ -33,6 +33,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from mnist_jax import onednn
+
 Padding = Union[str, Sequence[Tuple[int, int]]]
 
 _DIMENSION_NUMBERS = ('NHWC', 'HWIO', 'NHWC')
@@ -42,6 +44,11 @@ _DIMENSION_NUMBERS = ('NHWC', 'HWIO', 'NHWC')
 # GEMM (plus its two GEMM gradients) beats the convolution kernels, while for
 # conv2 (5x5x32 = 800) materialising the patches costs more than it saves.
 _IM2COL_MAX_PATCH_SIZE = 128
+
+# Matmuls with at least this many multiply-adds (fc3: 1.6 G at batch 512)
+# take their gradients from oneDNN where available; for small ones (fc4) the
+# call overhead is not worth it.
+_ONEDNN_MIN_MATMUL = 1 << 24
 
 
 def _explicit_padding(kernel_hw: Tuple[int, int],
@@ -83,6 +90,7 @@ def reference_conv2d(x: jax.Array, kernel: jax.Array,
 
 
 def _canonical_conv(x, kernel, pads):
+  """A stride-1 NHWC x HWIO -> NHWC convolution (XLA's library kernels)."""
   return lax.conv_general_dilated(
       x, kernel, (1, 1), pads, dimension_numbers=_DIMENSION_NUMBERS)
 
@@ -99,24 +107,69 @@ def _conv2d_canonical_fwd(x, kernel, pads):
 def _conv2d_canonical_bwd(pads, residuals, g):
   """Both conv gradients as canonical NHWC x HWIO -> NHWC convolutions."""
   x, kernel = residuals
+  dx = _xla_conv_input_grad(g, kernel.astype(g.dtype), x.shape[1:3], pads)
+  dk = _xla_conv_kernel_grad(x, g.astype(x.dtype), pads)
+  return dx.astype(x.dtype), dk.astype(kernel.dtype)
+
+
+def _xla_conv_input_grad(g, kernel, input_hw, pads):
+  """Input gradient: a 'full' correlation of g with the spatially flipped
+  kernel whose in/out channels are swapped (HWOI read as HWIO). The output
+  spans exactly the input's H, W."""
   kh, kw = kernel.shape[:2]
-  (pt, pb), (pl, pr) = pads
-  h, w = x.shape[1:3]
-  # Input gradient: a 'full' correlation of g with the spatially flipped
-  # kernel whose in/out channels are swapped (HWOI read as HWIO). The output
-  # spans exactly the input's H, W.
-  flipped = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)
+  (pt, _), (pl, _) = pads
+  h, w = input_hw
   g_h, g_w = g.shape[1:3]
+  flipped = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)
   dx_pads = ((kh - 1 - pt, h - g_h + pt), (kw - 1 - pl, w - g_w + pl))
-  dx = _canonical_conv(g, flipped.astype(g.dtype), dx_pads)
-  # Kernel gradient: correlate the padded input with g, with the batch
-  # dimension playing the role of the input channels:
-  #   x^T [C, H+pads, W+pads, N]  (*)  g^T [H', W', N, O]  ->  [C, KH, KW, O].
+  return _canonical_conv(g, flipped, dx_pads)
+
+
+def _xla_conv_kernel_grad(x, g, pads):
+  """Kernel gradient as one canonical convolution: the padded input with g,
+  the batch dimension playing the role of the input channels:
+    x^T [C, H+pads, W+pads, N]  (*)  g^T [H', W', N, O]  ->  [C, KH, KW, O].
+  """
+  (pt, pb), (pl, pr) = pads
   x_t = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0))).transpose(3, 1, 2, 0)
   g_t = g.transpose(1, 2, 0, 3)
-  dk = _canonical_conv(x_t, g_t.astype(x_t.dtype), ((0, 0), (0, 0)))
-  dk = dk.transpose(1, 2, 0, 3)
-  return dx.astype(x.dtype), dk.astype(kernel.dtype)
+  dk = _canonical_conv(x_t, g_t, ((0, 0), (0, 0)))
+  return dk.transpose(1, 2, 0, 3)
+
+
+def _on_cpu_onednn(xla_fn, onednn_fn, *args):
+  """`onednn_fn(*args)` on the CPU backend, `xla_fn(*args)` elsewhere (same
+  function; only the branch of the backend being compiled for is lowered)."""
+  return lax.platform_dependent(*args, cpu=onednn_fn, default=xla_fn)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _conv2d_onednn(x, kernel, pads):
+  return _on_cpu_onednn(functools.partial(_canonical_conv, pads=pads),
+                        functools.partial(onednn.conv, pads=pads), x, kernel)
+
+
+def _conv2d_onednn_fwd(x, kernel, pads):
+  return _conv2d_onednn(x, kernel, pads), (x, kernel)
+
+
+def _conv2d_onednn_bwd(pads, residuals, g):
+  """oneDNN's backward-data and backward-weights convolutions (unused
+  results, e.g. conv1's input gradient, are dead code to XLA)."""
+  x, kernel = residuals
+  hw = x.shape[1:3]
+  dx = _on_cpu_onednn(
+      functools.partial(_xla_conv_input_grad, input_hw=hw, pads=pads),
+      functools.partial(onednn.conv_input_grad, input_hw=hw, pads=pads),
+      g, kernel)
+  dk = _on_cpu_onednn(
+      functools.partial(_xla_conv_kernel_grad, pads=pads),
+      functools.partial(onednn.conv_kernel_grad, kernel_hw=kernel.shape[:2],
+                        pads=pads), x, g)
+  return dx, dk
+
+
+_conv2d_onednn.defvjp(_conv2d_onednn_fwd, _conv2d_onednn_bwd)
 
 
 _conv2d_canonical_grads.defvjp(_conv2d_canonical_fwd, _conv2d_canonical_bwd)
@@ -148,8 +201,12 @@ def _conv2d_im2col(x, kernel, pads):
 def conv2d(x: jax.Array, kernel: jax.Array, padding: Padding) -> jax.Array:
   """Stride-1 NHWC x HWIO convolution with XLA:CPU-friendly gradients.
 
-  Same value and gradients as :func:`reference_conv2d`. Two lowerings are
-  used, chosen statically from the kernel shape:
+  Same value and gradients as :func:`reference_conv2d`. On the CPU backend
+  with float32 arrays, when `mnist_jax.onednn`'s kernels are available, the
+  convolution and both its gradients are oneDNN's primitives (NHWC, as
+  PyTorch runs them on CPUs; faster than XLA:CPU's kernels for both of the
+  network's convolutions). Otherwise two pure-XLA lowerings are used, chosen
+  statically from the kernel shape:
 
   * Few input values per patch (KH*KW*C <= 128, e.g. conv1's 5x5x1): explicit
     patch extraction ("im2col") and a single matmul. The patch matrix is small
@@ -175,6 +232,8 @@ def conv2d(x: jax.Array, kernel: jax.Array, padding: Padding) -> jax.Array:
   """
   kh, kw, c, _ = kernel.shape
   pads = _explicit_padding((kh, kw), padding)
+  if onednn.available(x, kernel):
+    return _conv2d_onednn(x, kernel, pads)
   if kh * kw * c <= _IM2COL_MAX_PATCH_SIZE:
     return _conv2d_im2col(x, kernel, pads)
   return _conv2d_canonical_grads(x, kernel, pads)
@@ -292,5 +351,30 @@ def dense_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
   if (kh, kw, kc) != (h, w, c):
     raise ValueError(f'dense_conv needs a kernel covering the input: x '
                      f'{x.shape}, kernel {kernel.shape}')
-  y = jnp.dot(x.reshape(n, h * w * c), kernel.reshape(h * w * c, o))
+  a, b = x.reshape(n, h * w * c), kernel.reshape(h * w * c, o)
+  big = n * h * w * c * o >= _ONEDNN_MIN_MATMUL
+  y = _matmul(a, b) if big and onednn.available(a, b) else a @ b
   return y.reshape(n, 1, 1, o)
+
+
+@jax.custom_vjp
+def _matmul(a, b):
+  """a @ b whose two gradient GEMMs run on oneDNN where available."""
+  return a @ b
+
+
+def _matmul_fwd(a, b):
+  return a @ b, (a, b)
+
+
+def _matmul_bwd(residuals, g):
+  a, b = residuals
+  g = g.astype(a.dtype)
+  da = _on_cpu_onednn(lambda g, b: g @ b.T,
+                      functools.partial(onednn.matmul, transpose_b=True), g, b)
+  db = _on_cpu_onednn(lambda a, g: a.T @ g,
+                      functools.partial(onednn.matmul, transpose_a=True), a, g)
+  return da, db.astype(b.dtype)
+
+
+_matmul.defvjp(_matmul_fwd, _matmul_bwd)

@@ -7,6 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from configs import default
+from configs import tpu
 from mnist_jax import models
 
 EXPECTED_SHAPES = {
@@ -154,3 +156,27 @@ def test_fast_lowering_equals_reference_outputs_and_gradients():
     scale = float(np.max(np.abs(b))) + 1e-12
     np.testing.assert_allclose(np.asarray(a) / scale, np.asarray(b) / scale,
                                atol=1e-5)
+
+
+def test_auto_lowering_is_fast_on_cpu_and_reference_on_accelerators(
+    monkeypatch):
+  assert default.get_config().lowering == 'auto'
+  assert tpu.get_config().lowering == 'auto'
+  assert models.resolve_lowering('auto') == 'fast'  # tests run on CPU
+  assert models.resolve_lowering('reference') == 'reference'
+  with pytest.raises(ValueError, match='lowering'):
+    models.resolve_lowering('magic')
+  # On an accelerator backend 'auto' builds the standard linen lowering: no
+  # reshape-max pools or canonical-gradient custom_vjps in the program.
+  for backend in ('gpu', 'tpu'):
+    monkeypatch.setattr(jax, 'default_backend', lambda b=backend: b)
+    assert models.resolve_lowering('auto') == 'reference'
+    x = jnp.zeros((2, 28, 28, 1))
+    variables = models.CNN().init(jax.random.key(0), x, train=False)
+    jaxpr = str(jax.make_jaxpr(
+        lambda v: models.CNN().apply(v, x, train=False))(variables))
+    assert 'reduce_window_max' in jaxpr and 'custom_vjp' not in jaxpr
+  monkeypatch.undo()
+  jaxpr = str(jax.make_jaxpr(
+      lambda v: models.CNN().apply(v, x, train=False))(variables))
+  assert 'reduce_window_max' not in jaxpr

@@ -1,29 +1,11 @@
-"""Convolution and pooling ops for the MNIST CNN, with XLA:CPU-friendly lowerings.
+"""Convolution, pooling and dense ops of the CNN, in two lowerings.
 
-The network's mathematics is fixed (NHWC activations, HWIO kernels, 'SAME' 5x5
-convolutions, 2x2/2 max-pools, two "dense" convolutions whose kernels cover the
-whole input). How each op is *lowered* to XLA is free, and on XLA:CPU the
-straightforward lowering is several times slower than necessary:
-
-* ``lax.conv_general_dilated``'s autodiff rules express the kernel gradient as a
-  convolution whose batch and feature dimensions are swapped. XLA:CPU only
-  hands convolutions in canonical ``NHWC x HWIO -> NHWC`` form to its fast
-  library kernels (Eigen / YNNPACK); anything else runs in a slow generic loop
-  emitter, and inside ``lax.while``/``lax.scan`` the layout normalisation that
-  rescues it at top level does not apply at all (jax-ml/jax#12868: ~17 img/s).
-* ``reduce_window`` max-pooling differentiates to ``select_and_scatter``, which
-  XLA:CPU implements with a scalar loop.
-* A 7x7 'VALID' convolution over a 7x7 map is a matrix product, but its input
-  gradient as a convolution is ~40x slower than the matmul.
-
-This module provides the fast lowerings (``conv2d``, ``max_pool_2x2``,
-``dense_conv``) and the straightforward ones (``reference_conv2d``,
-``reference_max_pool_2x2``, ``reference_dense_conv``) so that a model can
-switch between them; both compute the same function and the same gradients
-(to float rounding; see ``tests/test_ops.py``). All functions are pure JAX:
-they work under ``jit``, ``vmap``, ``pmap``/sharded batches and ``lax.scan``,
-and for any floating dtype (e.g. bfloat16 inputs with kernels cast by the
-caller).
+`conv2d`, `max_pool_2x2` and `dense_conv` are the fast lowerings (forms that
+XLA:CPU hands to its library kernels, oneDNN through `mnist_jax.onednn` where
+it is built); `reference_*` are the straightforward ones (`lax.conv`,
+`reduce_window`). Both compute the same function and gradients
+(`tests/test_ops.py`); why the reference lowering is slow on XLA:CPU is in
+`benchmarks/README.md`.
 """
 
 import functools
@@ -73,13 +55,13 @@ def reference_conv2d(x: jax.Array, kernel: jax.Array,
                      padding: Padding) -> jax.Array:
   """Stride-1 NHWC x HWIO convolution, lowered as JAX/Flax normally would.
 
-  This is what ``flax.linen.Conv`` lowers to. It is the definition the fast
+  This is what `flax.linen.Conv` lowers to. It is the definition the fast
   lowering is tested against; keep it for comparison and for backends where
   XLA handles the autodiff convolutions well (GPU, TPU).
 
   Args:
     x: [N, H, W, C] input.
-    kernel: [KH, KW, C, O] kernel, same dtype as ``x``.
+    kernel: [KH, KW, C, O] kernel, same dtype as `x`.
     padding: 'SAME', 'VALID' or ((top, bottom), (left, right)).
 
   Returns:
@@ -215,20 +197,20 @@ def conv2d(x: jax.Array, kernel: jax.Array, padding: Padding) -> jax.Array:
     kernel gradient, which would be a convolution with 512 input channels and
     a 28x28 kernel.
   * Otherwise (conv2's 5x5x32): the forward convolution as is, and a
-    ``jax.custom_vjp`` whose backward pass writes *both* gradients as
+    `jax.custom_vjp` whose backward pass writes *both* gradients as
     convolutions in canonical NHWC x HWIO -> NHWC form (the kernel gradient
     treats the batch as the contraction/"input channel" dimension). XLA:CPU
     sends canonical convolutions to its library kernels; the convolutions
     produced by JAX's own transpose rules are not canonical and fall back to a
-    slow loop, catastrophically so inside ``lax.scan`` (jax-ml/jax#12868).
+    slow loop, catastrophically so inside `lax.scan` (jax-ml/jax#12868).
 
   Args:
     x: [N, H, W, C] input.
-    kernel: [KH, KW, C, O] kernel, same dtype as ``x``.
+    kernel: [KH, KW, C, O] kernel, same dtype as `x`.
     padding: 'SAME', 'VALID' or ((top, bottom), (left, right)).
 
   Returns:
-    [N, H', W', O] output, dtype of ``x``.
+    [N, H', W', O] output, dtype of `x`.
   """
   kh, kw, c, _ = kernel.shape
   pads = _explicit_padding((kh, kw), padding)
@@ -240,9 +222,9 @@ def conv2d(x: jax.Array, kernel: jax.Array, padding: Padding) -> jax.Array:
 
 
 def reference_max_pool_2x2(x: jax.Array) -> jax.Array:
-  """2x2 stride-2 'VALID' max-pool via ``reduce_window`` (what Flax uses).
+  """2x2 stride-2 'VALID' max-pool via `reduce_window` (what Flax uses).
 
-  Its gradient is ``select_and_scatter``, which routes each window's
+  Its gradient is `select_and_scatter`, which routes each window's
   cotangent to the *first* maximal element in row-major window order.
 
   Args:
@@ -271,13 +253,13 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
 
   Written as a reshape to [N, H/2, 2, W/2, 2, C] and an elementwise max of the
   four window elements, which XLA fuses into neighbouring ops, instead of
-  ``reduce_window``, whose gradient (``select_and_scatter``) is a slow scalar
+  `reduce_window`, whose gradient (`select_and_scatter`) is a slow scalar
   loop on XLA:CPU.
 
-  The gradient is a ``custom_vjp`` that reproduces ``reduce_window``'s routing
+  The gradient is a `custom_vjp` that reproduces `reduce_window`'s routing
   exactly: each window's cotangent goes to the *first* element (row-major:
   (0,0), (0,1), (1,0), (1,1)) equal to the window maximum. Plain autodiff of
-  ``jnp.max`` would instead split it equally between tied elements, and ties
+  `jnp.max` would instead split it equally between tied elements, and ties
   are the common case here: after a ReLU, all-zero windows are frequent. The
   backward pass is elementwise (compare, select) and fuses into one loop.
 
@@ -341,10 +323,10 @@ def dense_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
 
   Args:
     x: [N, H, W, C] input.
-    kernel: [H, W, C, O] kernel, same dtype as ``x``.
+    kernel: [H, W, C, O] kernel, same dtype as `x`.
 
   Returns:
-    [N, 1, 1, O] output, equal to ``reference_dense_conv(x, kernel)``.
+    [N, 1, 1, O] output, equal to `reference_dense_conv(x, kernel)`.
   """
   n, h, w, c = x.shape
   kh, kw, kc, o = kernel.shape

@@ -238,6 +238,7 @@ class _Loop:
     self.history: list[dict[str, Any]] = []
     self.last_checkpoint = ''
     self.stop: str | None = None
+    self.first_step_of_run = 0
 
   def apply(self, update: base.Update | None, state):
     """Carries out a hook's `Update`; returns the state to continue with."""

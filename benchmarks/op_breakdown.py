@@ -157,7 +157,7 @@ def torch_ops(args) -> dict:
 def markdown(machine: dict, table: dict, load: list, unit: str,
              header: bool = True) -> str:
   lines = [] if not header else [
-      f"# Per-op time of one training step, batch 512: XLA:CPU vs PyTorch",
+      "# Per-op time of one training step, batch 512: XLA:CPU vs PyTorch",
       '',
       f"Machine: {machine['cpu']} ({machine['cpu_vendor']}, family/model "
       f"{machine['cpu_family_model']}, {machine['cpu_cores']} cores; "

@@ -68,7 +68,8 @@ class Conv(nn.Module):
       y = ops.dense_conv(x, kernel)
     else:
       y = ops.conv2d(x, kernel, self.padding)
-    y = y + bias.astype(self.dtype)
+    bias = bias.astype(self.dtype)
+    y = y + bias if self.lowering == 'reference' else ops.add_bias(y, bias)
     return self.activation(y) if self.activation is not None else y
 
 

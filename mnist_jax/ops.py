@@ -184,10 +184,10 @@ def conv2d(x: jax.Array, kernel: jax.Array, padding: Padding) -> jax.Array:
   """Stride-1 NHWC x HWIO convolution with XLA:CPU-friendly gradients.
 
   Same value and gradients as :func:`reference_conv2d`. On the CPU backend
-  with float32 arrays, when `mnist_jax.onednn`'s kernels are available, the
-  convolution and both its gradients are oneDNN's primitives (NHWC, as
-  PyTorch runs them on CPUs; faster than XLA:CPU's kernels for both of the
-  network's convolutions). Otherwise two pure-XLA lowerings are used, chosen
+  with float32 or bfloat16 arrays, when `mnist_jax.onednn`'s kernels are
+  available, the convolution and both its gradients are oneDNN's primitives
+  (NHWC, as PyTorch runs them on CPUs; faster than XLA:CPU's kernels for both
+  of the network's convolutions). Otherwise two pure-XLA lowerings are used, chosen
   statically from the kernel shape:
 
   * Few input values per patch (KH*KW*C <= 128, e.g. conv1's 5x5x1): explicit
@@ -219,6 +219,46 @@ def conv2d(x: jax.Array, kernel: jax.Array, padding: Padding) -> jax.Array:
   if kh * kw * c <= _IM2COL_MAX_PATCH_SIZE:
     return _conv2d_im2col(x, kernel, pads)
   return _conv2d_canonical_grads(x, kernel, pads)
+
+
+@jax.custom_vjp
+def add_bias(y: jax.Array, bias: jax.Array) -> jax.Array:
+  """`y + bias` over the last axis, whose bias gradient reads the cotangent
+  once it is in memory.
+
+  Plain autodiff gives the same values, but XLA:CPU fuses the producer of
+  the cotangent (the ReLU and max-pool gradients) into the bias gradient's
+  reduction, which then runs as a slow serial loop: 34 ms of a 320 ms
+  training step for conv1 here. The barrier keeps the cotangent one buffer,
+  which the convolution gradients read anyway, and the reduction reads it
+  in ~2 ms.
+
+  Args:
+    y: [..., C] activations.
+    bias: [C], same dtype.
+
+  Returns:
+    `y + bias`.
+  """
+  return y + bias
+
+
+def _add_bias_fwd(y, bias):
+  return y + bias, None
+
+
+def _add_bias_bwd(_, g):
+  g = lax.optimization_barrier(g)
+  rows = g.reshape(-1, g.shape[-1])
+  ones = jnp.ones((1, rows.shape[0]), g.dtype)
+  # A GEMV: XLA:CPU rewrites a sum this long into a reduce-window that runs
+  # as a slow serial loop (34 ms for conv1 at batch 512; the GEMV: ~3 ms).
+  db = _on_cpu_onednn(lambda a, b: a @ b, onednn.matmul, ones, rows) if (
+      g.dtype == jnp.bfloat16 and onednn.available(ones, rows)) else ones @ rows
+  return g, db[0]
+
+
+add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
 
 
 def reference_max_pool_2x2(x: jax.Array) -> jax.Array:
@@ -342,11 +382,19 @@ def dense_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
 @jax.custom_vjp
 def _matmul(a, b):
   """a @ b whose two gradient GEMMs run on oneDNN where available."""
-  return a @ b
+  return _matmul_value(a, b)
+
+
+def _matmul_value(a, b):
+  """The forward GEMM: XLA's in float32 (as fast as oneDNN's here),
+  oneDNN's in bfloat16 (XLA:CPU's bfloat16 dot is several times slower)."""
+  if a.dtype == jnp.float32:
+    return a @ b
+  return _on_cpu_onednn(lambda a, b: a @ b, onednn.matmul, a, b)
 
 
 def _matmul_fwd(a, b):
-  return a @ b, (a, b)
+  return _matmul_value(a, b), (a, b)
 
 
 def _matmul_bwd(residuals, g):

@@ -33,7 +33,11 @@ def _hlo(fn, *args) -> str:
 @needs_kernels
 def test_kernels_load_here():
   assert onednn.available(jnp.zeros(1, jnp.float32)), onednn._state['reason']  # pylint: disable=protected-access
-  assert not onednn.available(jnp.zeros(1, jnp.bfloat16))
+  assert onednn.available(jnp.zeros(1, jnp.bfloat16))
+  # One dtype per op, and only those two.
+  assert not onednn.available(jnp.zeros(1, jnp.float32),
+                              jnp.zeros(1, jnp.bfloat16))
+  assert not onednn.available(jnp.zeros(1, jnp.float16))
 
 
 @needs_kernels
@@ -124,16 +128,69 @@ def test_network_gradients_use_onednn_and_match_reference():
     _assert_close(g, w)
 
 
-def test_disabled_or_bfloat16_uses_pure_xla(monkeypatch):
+def test_disabled_or_float16_uses_pure_xla(monkeypatch):
   x, k = _conv2_inputs()
   grad = jax.grad(_conv2_loss(ops.conv2d), (0, 1))
-  assert 'mnist_onednn' not in _hlo(grad, x.astype(jnp.bfloat16),
-                                    k.astype(jnp.bfloat16))
+  assert 'mnist_onednn' not in _hlo(grad, x.astype(jnp.float16),
+                                    k.astype(jnp.float16))
   monkeypatch.setenv(onednn.DISABLE_ENV_VAR, '1')
   assert 'mnist_onednn' not in _hlo(grad, x, k)
   want = jax.grad(_conv2_loss(ops.reference_conv2d), (0, 1))(x, k)
   for g, w in zip(jax.jit(grad)(x, k), want):
     _assert_close(g, w)
+
+
+def _bf16(*arrays):
+  return [a.astype(jnp.bfloat16) for a in arrays]
+
+
+def _f32_of_bf16(*arrays):
+  """The bfloat16-rounded values in float32: what a bfloat16 kernel that
+  accumulates in float32 computes, before rounding its result."""
+  return [a.astype(jnp.bfloat16).astype(jnp.float32) for a in arrays]
+
+
+@needs_kernels
+def test_bfloat16_kernels_equal_float32_math_on_rounded_inputs():
+  # bfloat16 in and out, float32 accumulation: the result is the float32
+  # result of the rounded inputs, rounded once (relative error <= 2^-8).
+  x, k = _conv2_inputs()
+  pads = ((2, 2), (2, 2))
+  xf, kf = _f32_of_bf16(x, k)
+  y = jax.jit(lambda x, k: onednn.conv(x, k, pads))(*_bf16(x, k))
+  assert y.dtype == jnp.bfloat16
+  want_y = ops._canonical_conv(xf, kf, pads)  # pylint: disable=protected-access
+  _assert_close(y, want_y, rtol=8e-3)
+  g, = _f32_of_bf16(jnp.cos(want_y))
+  dx = jax.jit(lambda g, k: onednn.conv_input_grad(g, k, (14, 14), pads))(
+      *_bf16(g, kf))
+  _assert_close(dx, ops._xla_conv_input_grad(g, kf, (14, 14), pads),  # pylint: disable=protected-access
+                rtol=8e-3)
+  dk = jax.jit(lambda x, g: onednn.conv_kernel_grad(x, g, (5, 5), pads))(
+      *_bf16(xf, g))
+  assert dk.dtype == jnp.bfloat16
+  _assert_close(dk, ops._xla_conv_kernel_grad(xf, g, pads), rtol=8e-3)  # pylint: disable=protected-access
+  a, b = _f32_of_bf16(*_fc3_inputs())
+  a, b = a.reshape(8, -1), b.reshape(-1, 1024)
+  for ta, tb in ((False, False), (True, False), (False, True)):
+    got = jax.jit(lambda a, b, ta=ta, tb=tb: onednn.matmul(
+        a, b, transpose_a=ta, transpose_b=tb))(*_bf16(a.T if ta else a,
+                                                      b.T if tb else b))
+    _assert_close(got, a @ b, rtol=8e-3)
+
+
+@needs_kernels
+def test_bfloat16_network_ops_run_on_onednn():
+  x, k = _bf16(*_conv2_inputs())
+  grad = jax.grad(lambda x, k: jnp.sum(
+      jnp.sin(ops.conv2d(x, k, 'SAME').astype(jnp.float32))), (0, 1))
+  hlo = _hlo(grad, x, k)
+  assert hlo.count('"mnist_onednn_conv"') == 2
+  assert 'mnist_onednn_conv_bwd_weights' in hlo
+  x, k = _bf16(*_fc3_inputs())
+  grad = jax.grad(lambda x, k: jnp.sum(
+      jnp.sin(ops.dense_conv(x, k).astype(jnp.float32))), (0, 1))
+  assert _hlo(grad, x, k).count('mnist_onednn_matmul') == 3  # fwd + 2 grads
 
 
 @needs_kernels

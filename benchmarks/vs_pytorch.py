@@ -11,6 +11,9 @@ Throughput mode (default) interleaves, `--rounds` times, A B A B ...:
      one epoch of dispatches a window, compiled once before round 1) and then
      end-to-end training (`throughput.end_to_end`: `train_and_evaluate` with
      the default hooks, one timed epoch after a compiling one).
+In bfloat16 (`--set dtype=bfloat16`), PyTorch runs under CPU autocast to
+bfloat16 (`torch_autocast.py`), its own mixed precision; `--torch_args
+--channels-last` gives it NHWC, its fastest layout in bfloat16 here.
 With `--xla_baseline`, every round also times the bare step compiled without
 the oneDNN kernels (`MNIST_JAX_NO_ONEDNN=1`: the pure-XLA lowering), after the
 project's. Each project figure is divided by the PyTorch figure of its own round, so a
@@ -49,10 +52,19 @@ def _load() -> list[float]:
   return [round(v, 2) for v in os.getloadavg()]
 
 
+def _torch_bf16(args) -> bool:
+  """PyTorch runs under bfloat16 autocast when the project computes in
+  bfloat16: each framework's mixed precision, compared like with like."""
+  return _config(args).dtype == 'bfloat16'
+
+
 def run_torch(args, mode: str, extra: list[str]) -> dict:
   """Runs torch_cnn.py in its own interpreter; returns its RESULT fields."""
-  cmd = [args.torch_python, args.torch_script, '--mode', mode,
-         '--threads', str(args.threads)] + extra
+  cmd = [args.torch_python]
+  if _torch_bf16(args):
+    cmd.append(os.path.join(_HERE, 'torch_autocast.py'))
+  cmd += ([args.torch_script, '--mode', mode, '--threads', str(args.threads)]
+          + args.torch_args.split() + extra)
   proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
   match = _RESULT_RE.search(proc.stdout)
   if proc.returncode or not match:
@@ -143,7 +155,10 @@ def throughput_campaign(args) -> dict:
     summary['e2e_ratio'] = common.summarize(r['e2e_ratio'] for r in rounds)
     summary['whole_loop_vs_train'] = common.summarize(
         r['whole_loop_vs_train'] for r in rounds)
-  return {'rounds': rounds, 'summary': summary}
+  variant = (' bf16 AMP' if _torch_bf16(args) else '') + (
+      ' NHWC' if '--channels-last' in args.torch_args else '')
+  return {'rounds': rounds, 'summary': summary, 'torch_variant': variant,
+          'project_dtype': config.dtype}
 
 
 def _print_summary(machine, out):
@@ -153,7 +168,7 @@ def _print_summary(machine, out):
   print(f"\n{machine['cpu']} ({machine['cpu_vendor']}, family/model "
         f"{machine['cpu_family_model']}, {machine['cpu_cores']} cores; "
         f"{machine['cpu_flags']})")
-  print(f"  PyTorch eager            {fmt(s['torch'])} img/s")
+  print(f"  PyTorch eager{out['torch_variant']:12s}{fmt(s['torch'])} img/s")
   print(f"  project bare step        {fmt(s['bare'])} img/s   ratio "
         f"{fmt(s['bare_ratio'], '7.2f')}")
   if 'bare_xla_only' in s:
@@ -217,6 +232,9 @@ def main():
       'TORCH_PYTHON', ''), help='Python of the PyTorch venv (or TORCH_PYTHON)')
   parser.add_argument('--torch_script', default=os.path.join(
       _SHARED, 'bench', 'torch_cnn.py'))
+  parser.add_argument('--torch_args', default='',
+                      help="extra torch_cnn.py flags, e.g. '--channels-last' "
+                      '(NHWC: PyTorch\'s fastest layout in bfloat16 here)')
   parser.add_argument('--threads', type=int, default=os.cpu_count())
   parser.add_argument('--rounds', type=int, default=3)
   parser.add_argument('--bare_windows', type=int, default=1,
@@ -251,6 +269,8 @@ def main():
   path = args.out
   if path.endswith('/') or os.path.isdir(path):
     suffix = '' if args.mode == 'throughput' else '_accuracy'
+    dtype = _config(args).dtype
+    suffix += '' if dtype == 'float32' else f'_{dtype}'
     path = os.path.join(path, f'vs_pytorch_{common.cpu_slug(machine)}'
                         f'{suffix}.json')
   common.write_json(path, out)

@@ -72,24 +72,94 @@ def _load() -> bool:
 def available(*arrays) -> bool:
   """Whether the oneDNN kernels can compute an op on these arrays.
 
-  True when the library loads, the arrays are all float32 or all bfloat16
-  and the env var `MNIST_JAX_NO_ONEDNN` is not set. Checked at trace time; the kernels only
-  exist on the CPU backend, so callers also select by platform
-  (`jax.lax.platform_dependent`).
+  True when the library loads, the arrays are all float32 or all bfloat16,
+  the kernels pass their self-test in that dtype on this CPU (`_self_test`)
+  and the env var `MNIST_JAX_NO_ONEDNN` is not set. Checked at trace time;
+  the kernels only exist on the CPU backend, so callers also select by
+  platform (`jax.lax.platform_dependent`).
   """
   if os.environ.get(DISABLE_ENV_VAR, '').strip().lower() in (
       '1', 'true', 'yes', 'on'):
     return False
   dtypes = {jnp.dtype(a.dtype) for a in arrays}
-  if len(dtypes) != 1 or dtypes.pop() not in DTYPES:
+  if len(dtypes) != 1 or (dtype := dtypes.pop()) not in DTYPES:
     return False
   if not _load():
-    if not _state.get('warned'):
-      _state['warned'] = True
-      print(f"mnist_jax: oneDNN kernels unavailable ({_state['reason']}); "
-            'using the pure-XLA lowering.', file=sys.stderr)
+    _warn_once('', f"oneDNN kernels unavailable ({_state['reason']})")
     return False
-  return True
+  works = _state.setdefault('works', {})
+  if dtype not in works:
+    reason = _self_test(dtype)
+    works[dtype] = not reason
+    if reason:
+      _warn_once(dtype, f'oneDNN kernels failed their {dtype} self-test on '
+                 f'this CPU ({reason})')
+  return works[dtype]
+
+
+def _warn_once(key, what: str) -> None:
+  warned = _state.setdefault('warned', set())
+  if key not in warned:
+    warned.add(key)
+    print(f'mnist_jax: {what}; using the pure-XLA lowering.', file=sys.stderr)
+
+
+def _self_test_inputs(dtype):
+  """Small arrays for `_self_test`, rounded to `dtype`."""
+  rng = np.random.default_rng(0)
+  shapes = {'x': (2, 6, 5, 3), 'k': (3, 3, 3, 4), 'g': (2, 6, 5, 4),
+            'a': (5, 7), 'b': (7, 6)}
+  return {n: jnp.asarray(rng.standard_normal(s), dtype)
+          for n, s in shapes.items()}
+
+
+def _numpy_conv_and_grads(x, k, g, pads):
+  """float64 reference: y = xpad (*) k, and the input and kernel gradients
+  for the cotangent g (stride 1, NHWC x HWIO)."""
+  (pt, pb), (pl, pr) = pads
+  xpad = np.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+  _, oh, ow, _ = g.shape
+  kh, kw = k.shape[:2]
+  y = np.zeros(g.shape)
+  dxpad, dk = np.zeros(xpad.shape), np.zeros(k.shape)
+  for i in range(kh):
+    for j in range(kw):
+      window = xpad[:, i:i + oh, j:j + ow]
+      y += window @ k[i, j]
+      dxpad[:, i:i + oh, j:j + ow] += g @ k[i, j].T
+      dk[i, j] = np.einsum('nhwc,nhwo->co', window, g)
+  return y, dxpad[:, pt:pt + x.shape[1], pl:pl + x.shape[2]], dk
+
+
+def _self_test(dtype) -> str:
+  """Runs every kernel once on small inputs on the CPU (~30 ms), against
+  numpy; returns '' when all agree, else why not (an error of oneDNN's, e.g.
+  no bfloat16 kernels for this CPU, or a wrong result)."""
+  pads = ((1, 1), (1, 1))
+  inputs = _self_test_inputs(dtype)
+
+  def kernels(x, k, g, a, b):
+    return [conv(x, k, pads), conv_input_grad(g, k, x.shape[1:3], pads),
+            conv_kernel_grad(x, g, k.shape[:2], pads), matmul(a, b),
+            matmul(a, a, transpose_b=True), matmul(a, a, transpose_a=True)]
+
+  host = {n: np.asarray(v, np.float64) for n, v in inputs.items()}
+  a = host['a']
+  want = [*_numpy_conv_and_grads(host['x'], host['k'], host['g'], pads),
+          a @ host['b'], a @ a.T, a.T @ a]
+  names = ('conv', 'conv input grad', 'conv kernel grad', 'matmul',
+           'matmul b^T', 'matmul a^T')
+  tolerance = 1e-4 if dtype == jnp.float32 else 3e-2
+  try:
+    with jax.default_device(jax.devices('cpu')[0]):
+      got = jax.device_get(jax.jit(kernels)(**inputs))
+  except Exception as e:  # pylint: disable=broad-except
+    return f'{type(e).__name__}: {str(e).splitlines()[0][:200]}'
+  for name, g, w in zip(names, got, want):
+    error = np.max(np.abs(np.asarray(g, np.float64) - w))
+    if not error <= tolerance * np.max(np.abs(w)):
+      return f'{name} differs from the reference by {error:.3g}'
+  return ''
 
 
 def _pad_attrs(pads):

@@ -216,3 +216,47 @@ def test_missing_library_prints_one_line_and_falls_back(monkeypatch, capsys):
   assert err.count('oneDNN kernels unavailable (test: not built)') == 1
   grad = jax.grad(_conv2_loss(ops.conv2d), (0, 1))
   assert 'mnist_onednn' not in _hlo(grad, x, k)
+
+
+@needs_kernels
+def test_kernels_failing_their_self_test_fall_back_with_one_line(
+    monkeypatch, capsys):
+  monkeypatch.setitem(onednn._state, 'works', {})  # pylint: disable=protected-access
+  monkeypatch.setitem(onednn._state, 'warned', set())  # pylint: disable=protected-access
+  real_inputs = onednn._self_test_inputs  # pylint: disable=protected-access
+
+  def mixed_dtypes(dtype):  # the C++ handlers reject these: a real error
+    inputs = real_inputs(dtype)
+    return dict(inputs, k=inputs['k'].astype(jnp.float32))
+
+  monkeypatch.setattr(onednn, '_self_test_inputs', mixed_dtypes)
+  x, k = _bf16(*_conv2_inputs())
+  for _ in range(2):
+    assert not onednn.available(x, k)
+  err = capsys.readouterr().err
+  assert err.count('\n') == 1, err
+  assert ('oneDNN kernels failed their bfloat16 self-test on this CPU '
+          '(JaxRuntimeError: ' in err), err
+  assert 'using the pure-XLA lowering' in err
+  grad = jax.grad(lambda x, k: jnp.sum(
+      ops.conv2d(x, k, 'SAME').astype(jnp.float32)), (0, 1))
+  assert 'mnist_onednn' not in _hlo(grad, x, k)
+  # float32 is tested on its own and still runs on oneDNN.
+  monkeypatch.setattr(onednn, '_self_test_inputs', real_inputs)
+  assert onednn.available(*_conv2_inputs())
+
+
+@needs_kernels
+def test_kernels_computing_a_wrong_result_fall_back(monkeypatch, capsys):
+  monkeypatch.setitem(onednn._state, 'works', {})  # pylint: disable=protected-access
+  monkeypatch.setitem(onednn._state, 'warned', set())  # pylint: disable=protected-access
+  real = onednn._numpy_conv_and_grads  # pylint: disable=protected-access
+
+  def off_by_one(*args):
+    y, dx, dk = real(*args)
+    return y, dx, dk + 1.0
+
+  monkeypatch.setattr(onednn, '_numpy_conv_and_grads', off_by_one)
+  assert not onednn.available(*_conv2_inputs())
+  err = capsys.readouterr().err
+  assert 'float32 self-test on this CPU (conv kernel grad differs' in err

@@ -109,8 +109,7 @@ def _self_test_inputs(dtype):
   rng = np.random.default_rng(0)
   shapes = {'x': (2, 6, 5, 3), 'k': (3, 3, 3, 4), 'g': (2, 6, 5, 4),
             'a': (5, 7), 'b': (7, 6)}
-  return {n: jnp.asarray(rng.standard_normal(s), dtype)
-          for n, s in shapes.items()}
+  return {n: rng.standard_normal(s).astype(dtype) for n, s in shapes.items()}
 
 
 def _numpy_conv_and_grads(x, k, g, pads):
@@ -151,7 +150,9 @@ def _self_test(dtype) -> str:
            'matmul b^T', 'matmul a^T')
   tolerance = 1e-4 if dtype == jnp.float32 else 3e-2
   try:
-    with jax.default_device(jax.devices('cpu')[0]):
+    # It runs when a model is traced: compute now, on the host's CPU.
+    with jax.ensure_compile_time_eval(), jax.default_device(
+        jax.devices('cpu')[0]):
       got = jax.device_get(jax.jit(kernels)(**inputs))
   except Exception as e:  # pylint: disable=broad-except
     return f'{type(e).__name__}: {str(e).splitlines()[0][:200]}'

@@ -227,7 +227,7 @@ def test_kernels_failing_their_self_test_fall_back_with_one_line(
 
   def mixed_dtypes(dtype):  # the C++ handlers reject these: a real error
     inputs = real_inputs(dtype)
-    return dict(inputs, k=inputs['k'].astype(jnp.float32))
+    return dict(inputs, k=inputs['k'].astype(np.float32))
 
   monkeypatch.setattr(onednn, '_self_test_inputs', mixed_dtypes)
   x, k = _bf16(*_conv2_inputs())
@@ -244,6 +244,15 @@ def test_kernels_failing_their_self_test_fall_back_with_one_line(
   # float32 is tested on its own and still runs on oneDNN.
   monkeypatch.setattr(onednn, '_self_test_inputs', real_inputs)
   assert onednn.available(*_conv2_inputs())
+
+
+@needs_kernels
+def test_self_test_runs_while_a_model_is_traced(monkeypatch):
+  monkeypatch.setitem(onednn._state, 'works', {})  # pylint: disable=protected-access
+  x, k = _conv2_inputs()
+  grad = jax.jit(jax.grad(_conv2_loss(ops.conv2d), (0, 1)))
+  assert 'mnist_onednn' in grad.lower(x, k).as_text()  # first use: traced
+  assert onednn._state['works'] == {jnp.dtype(jnp.float32): True}  # pylint: disable=protected-access
 
 
 @needs_kernels

@@ -44,6 +44,10 @@ class Conv(nn.Module):
 
   A kernel that covers the whole spatial input with VALID padding (fc3, fc4)
   is a fully connected layer and is computed as one matmul on the 'fast' path.
+  With `pool=True` (ReLU only) it returns `(activation, max_pool_2x2 of it)`;
+  the 'fast' path computes the pooled output in one fused op
+  (`ops.bias_relu_max_pool_2x2`), and the full activation is then only
+  computed when something reads it (the end points).
   """
   features: int
   kernel_size: tuple[int, int]
@@ -51,9 +55,10 @@ class Conv(nn.Module):
   activation: Any = None
   lowering: str = 'fast'
   dtype: Any = jnp.float32
+  pool: bool = False
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array):
     kh, kw = self.kernel_size
     kernel = self.param('kernel', kernel_init,
                         (kh, kw, x.shape[-1], self.features), jnp.float32)
@@ -69,8 +74,16 @@ class Conv(nn.Module):
     else:
       y = ops.conv2d(x, kernel, self.padding)
     bias = bias.astype(self.dtype)
-    y = y + bias if self.lowering == 'reference' else ops.add_bias(y, bias)
-    return self.activation(y) if self.activation is not None else y
+    z = y + bias if self.lowering == 'reference' else ops.add_bias(y, bias)
+    out = self.activation(z) if self.activation is not None else z
+    if not self.pool:
+      return out
+    if self.activation is not nn.relu:
+      raise ValueError('Conv(pool=True) fuses a ReLU; got activation '
+                       f'{self.activation}')
+    if self.lowering == 'reference':
+      return out, ops.reference_max_pool_2x2(out)
+    return out, ops.bias_relu_max_pool_2x2(y, bias)
 
 
 class CNN(nn.Module):
@@ -92,16 +105,14 @@ class CNN(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     lowering = resolve_lowering(self.lowering)
-    conv = lambda f, k, pad, act, name: Conv(  # pylint: disable=g-long-lambda
-        f, (k, k), pad, act, lowering, self.dtype, name=name)
-    pool = (ops.reference_max_pool_2x2 if lowering == 'reference'
-            else ops.max_pool_2x2)
+    conv = lambda f, k, pad, act, name, pool=False: Conv(  # pylint: disable=g-long-lambda
+        f, (k, k), pad, act, lowering, self.dtype, pool, name=name)
 
     points = {}
-    x = points['conv1'] = conv(32, 5, 'SAME', nn.relu, 'conv1')(x)
-    x = points['pool1'] = pool(x)
-    x = points['conv2'] = conv(64, 5, 'SAME', nn.relu, 'conv2')(x)
-    x = points['pool2'] = pool(x)
+    points['conv1'], x = conv(32, 5, 'SAME', nn.relu, 'conv1', pool=True)(x)
+    points['pool1'] = x
+    points['conv2'], x = conv(64, 5, 'SAME', nn.relu, 'conv2', pool=True)(x)
+    points['pool2'] = x
     x = points['fc3'] = conv(1024, x.shape[1], 'VALID', nn.relu, 'fc3')(x)
     x = points['dropout3'] = nn.Dropout(
         rate=1.0 - self.dropout_keep_prob, deterministic=not train,

@@ -149,6 +149,33 @@ def test_max_pool_value_and_grad_with_ties(shape):
   np.testing.assert_array_equal(ops.reference_max_pool_2x2(x), y_ref)
 
 
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize('shape', [(2, 28, 28, 8), (3, 14, 14, 16)])
+def test_bias_relu_max_pool_equals_the_three_ops(shape, dtype):
+  # Exact ties (between positive maxima, and all-negative windows after the
+  # bias) in every window position; the fused op must route like
+  # reduce_window and give bitwise the same values and gradients.
+  y = jax.random.normal(jax.random.key(3), shape)
+  y = y.at[:, 0::2, 1::2].set(y[:, 0::2, 0::2])
+  y = y.at[:, 1::4, 1::4].set(y[:, 0::4, 0::4]).astype(dtype)
+  b = (0.3 * jax.random.normal(jax.random.key(4), shape[-1:])).astype(dtype)
+  g = jax.random.normal(jax.random.key(5), (shape[0], shape[1] // 2,
+                                            shape[2] // 2, shape[3]))
+  g = g.astype(dtype)
+  ref = lambda y, b: ops.reference_max_pool_2x2(jax.nn.relu(y + b))  # noqa: E731
+  want, want_vjp = jax.vjp(jax.jit(ref), y, b)
+  got, got_vjp = jax.vjp(jax.jit(ops.bias_relu_max_pool_2x2), y, b)
+  np.testing.assert_array_equal(got, want)
+  (dy, db), (want_dy, want_db) = got_vjp(g), want_vjp(g)
+  np.testing.assert_array_equal(dy, want_dy)
+  assert db.dtype == dtype
+  # The bias gradient: summed in float32 (see test_add_bias_value_and_grads).
+  _assert_close(db.astype(jnp.float32), jnp.sum(
+      want_dy.astype(jnp.float32), axis=(0, 1, 2)),
+                RTOL if dtype == jnp.float32 else 1e-2)
+  assert int(jnp.sum(want_dy != 0)) > 0
+
+
 def test_max_pool_grad_inside_scan():
   xs = _relu_input_with_ties((3, 2, 8, 8, 4))
 

@@ -152,7 +152,7 @@ def _self_test(dtype) -> str:
   try:
     # It runs when a model is traced: compute now, on the host's CPU.
     with jax.ensure_compile_time_eval(), jax.default_device(
-        jax.devices('cpu')[0]):
+        jax.local_devices(backend='cpu')[0]):
       got = jax.device_get(jax.jit(kernels)(**inputs))
   except Exception as e:  # pylint: disable=broad-except
     return f'{type(e).__name__}: {str(e).splitlines()[0][:200]}'

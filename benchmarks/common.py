@@ -7,6 +7,7 @@ import re
 import statistics
 import sys
 
+import ml_dtypes
 import numpy as np
 
 
@@ -66,10 +67,18 @@ def _onednn_info() -> str:
   from mnist_jax import onednn  # pylint: disable=g-import-not-at-top
   if not onednn.available(np.zeros(1, np.float32)):
     return 'unavailable: ' + onednn._state['reason']  # pylint: disable=protected-access
-  return ('conv2 kernel grad ' + onednn.impl_info(
-      'conv_bwd_weights', [512, 14, 14, 32, 14, 14, 64, 5, 5, 2, 2, 2, 2])
-          + ', fc3 matmul ' + onednn.impl_info('matmul',
-                                               [512, 1024, 3136, 0, 1]))
+  parts = []
+  for dtype in (np.float32, ml_dtypes.bfloat16):
+    dtype = np.dtype(dtype)
+    if not onednn.available(np.zeros(1, dtype)):
+      parts.append(f'{dtype}: failed its self-test')
+      continue
+    conv2 = onednn.impl_info(
+        'conv_bwd_weights', [512, 14, 14, 32, 14, 14, 64, 5, 5, 2, 2, 2, 2],
+        dtype)
+    fc3 = onednn.impl_info('matmul', [512, 1024, 3136, 0, 1], dtype)
+    parts.append(f'{dtype}: conv2 kernel grad {conv2}, fc3 matmul {fc3}')
+  return '; '.join(parts)
 
 
 def cpu_slug(machine: dict) -> str:

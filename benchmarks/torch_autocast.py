@@ -22,7 +22,10 @@ def main():
                           argv[argv.index('--threads') + 1])
   import torch  # pylint: disable=g-import-not-at-top
   sys.argv = [script] + argv
-  with torch.autocast('cpu', dtype=torch.bfloat16):
+  # One context around the whole script: autocast's cache of bfloat16
+  # weight copies lives until it exits, so it must be off, or every step
+  # would compute with the weights of the first one.
+  with torch.autocast('cpu', dtype=torch.bfloat16, cache_enabled=False):
     runpy.run_path(script, run_name='__main__')
 
 

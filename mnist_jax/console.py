@@ -169,12 +169,14 @@ def native_info_to_log():
     _native_lock.release()
 
 
-def _restore_native() -> None:
+def _restore_native(at_exit: bool = False) -> None:
   """Puts the console back on fd 2; the pump passes on what it still holds.
 
   Also runs at exit: a process that ends while another thread is still in a
   `native_info_to_log` block (e.g. an error during the background import of
-  TensorFlow) must not lose what it wrote to stderr (its `Error:` line).
+  TensorFlow) must not lose what it wrote to stderr (its `Error:` line). That
+  thread's later start-up notices would then land below it on the console,
+  so at exit fd 2 goes to /dev/null instead once the pump has drained.
   """
   global _native_filter
   with _restore_lock:
@@ -186,13 +188,18 @@ def _restore_native() -> None:
       sys.stderr.flush()
     except (OSError, ValueError):
       pass
-    os.dup2(console_fd, 2)  # Closes the pipe's last writer: the pump ends.
+    if at_exit:
+      devnull = os.open(os.devnull, os.O_WRONLY)
+      os.dup2(devnull, 2)  # Closes the pipe's last writer: the pump ends.
+      os.close(devnull)
+    else:
+      os.dup2(console_fd, 2)
     pump.join(timeout=5)
     if not pump.is_alive():  # (A child process may still hold the pipe.)
       os.close(console_fd)
 
 
-atexit.register(_restore_native)
+atexit.register(_restore_native, at_exit=True)
 
 
 def _pump_native(read_fd: int, console_fd: int) -> None:

@@ -8,8 +8,8 @@ AVX512-BF16 kernels where the CPU has them, float32 accumulation).
 `mnist_jax.ops` calls them on the CPU backend when `available()`; otherwise
 (no library, no libdnnl, another dtype, another backend, or
 `MNIST_JAX_NO_ONEDNN=1`) it uses its pure-XLA lowering, which computes the
-same function. When the kernels cannot be
-loaded, one line says so, once.
+same function. When the kernels cannot be loaded or fail their self-test in
+a dtype, one line says so, once.
 """
 
 import ctypes

@@ -187,8 +187,8 @@ def conv2d(x: jax.Array, kernel: jax.Array, padding: Padding) -> jax.Array:
   with float32 or bfloat16 arrays, when `mnist_jax.onednn`'s kernels are
   available, the convolution and both its gradients are oneDNN's primitives
   (NHWC, as PyTorch runs them on CPUs; faster than XLA:CPU's kernels for both
-  of the network's convolutions). Otherwise two pure-XLA lowerings are used, chosen
-  statically from the kernel shape:
+  of the network's convolutions). Otherwise two pure-XLA lowerings are used,
+  chosen statically from the kernel shape:
 
   * Few input values per patch (KH*KW*C <= 128, e.g. conv1's 5x5x1): explicit
     patch extraction ("im2col") and a single matmul. The patch matrix is small
@@ -226,12 +226,13 @@ def add_bias(y: jax.Array, bias: jax.Array) -> jax.Array:
   """`y + bias` over the last axis, whose bias gradient reads the cotangent
   once it is in memory.
 
-  Plain autodiff gives the same values, but XLA:CPU fuses the producer of
-  the cotangent (the ReLU and max-pool gradients) into the bias gradient's
-  reduction, which then runs as a slow serial loop: 34 ms of a 320 ms
-  training step for conv1 here. The barrier keeps the cotangent one buffer,
-  which the convolution gradients read anyway, and the reduction reads it
-  in ~2 ms.
+  Plain autodiff gives the same values, but XLA:CPU rewrites the bias
+  gradient's long sum (N*H*W rows) into a `reduce-window` that runs as a
+  slow serial loop: 34 ms of a 320 ms training step for conv1 here. Here it
+  is a GEMV, `ones @ g` (~3 ms), accumulated in float32 also for bfloat16
+  (plain autodiff on XLA:CPU sums bfloat16 in bfloat16 and saturates). The
+  barrier keeps the cotangent one buffer, which the convolution gradients
+  read anyway.
 
   Args:
     y: [..., C] activations.
@@ -251,11 +252,11 @@ def _add_bias_bwd(_, g):
   g = lax.optimization_barrier(g)
   rows = g.reshape(-1, g.shape[-1])
   ones = jnp.ones((1, rows.shape[0]), g.dtype)
-  # A GEMV: XLA:CPU rewrites a sum this long into a reduce-window that runs
-  # as a slow serial loop (34 ms for conv1 at batch 512; the GEMV: ~3 ms).
-  db = _on_cpu_onednn(lambda a, b: a @ b, onednn.matmul, ones, rows) if (
-      g.dtype == jnp.bfloat16 and onednn.available(ones, rows)) else ones @ rows
-  return g, db[0]
+  xla_gemv = lambda a, b: jnp.dot(  # noqa: E731
+      a, b, preferred_element_type=jnp.float32).astype(g.dtype)
+  if g.dtype == jnp.bfloat16 and onednn.available(ones, rows):
+    return g, _on_cpu_onednn(xla_gemv, onednn.matmul, ones, rows)[0]
+  return g, xla_gemv(ones, rows)[0]
 
 
 add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
@@ -331,16 +332,18 @@ def _max_pool_bwd(residuals, g):
   taken = jnp.logical_or(take_a, take_b)
   take_c = jnp.logical_and(c == y, jnp.logical_not(taken))
   take_d = jnp.logical_not(jnp.logical_or(taken, c == y))
-  ga = jnp.where(take_a, g, zero)
-  gb = jnp.where(take_b, g, zero)
-  gc = jnp.where(take_c, g, zero)
-  gd = jnp.where(take_d, g, zero)
-  n, h2, w2, ch = g.shape
-  # Reassemble [N, H/2, 2(row), W/2, 2(col), C] and flatten back to NHWC.
-  top = jnp.stack([ga, gb], axis=3)     # [N, H/2, W/2, 2, C]
-  bottom = jnp.stack([gc, gd], axis=3)
-  dx = jnp.stack([top, bottom], axis=2)  # [N, H/2, 2, W/2, 2, C]
-  return (dx.reshape(n, 2 * h2, 2 * w2, ch),)
+  return (_unpool([jnp.where(take, g, zero)
+                   for take in (take_a, take_b, take_c, take_d)]),)
+
+
+def _unpool(parts):
+  """The inverse of `_pool_windows`: [N, H, W, C] from the four
+  [N, H/2, W/2, C] window elements, in row-major window order."""
+  n, h2, w2, ch = parts[0].shape
+  top = jnp.stack(parts[:2], axis=3)      # [N, H/2, W/2, 2, C]
+  bottom = jnp.stack(parts[2:], axis=3)
+  x6 = jnp.stack([top, bottom], axis=2)   # [N, H/2, 2, W/2, 2, C]
+  return x6.reshape(n, 2 * h2, 2 * w2, ch)
 
 
 max_pool_2x2.defvjp(_max_pool_fwd, _max_pool_bwd)
@@ -384,14 +387,9 @@ def _bias_relu_pool_fwd(y, bias):
 
 def _bias_relu_pool_bwd(residuals, g):
   first, out = residuals
-  g, db = _add_bias_bwd(None, jnp.where(out > 0, g, jnp.zeros_like(g)))
   zero = jnp.zeros_like(g)
-  parts = [jnp.where(first == i, g, zero) for i in range(4)]
-  n, h2, w2, ch = g.shape
-  top = jnp.stack(parts[:2], axis=3)      # [N, H/2, W/2, 2, C]
-  bottom = jnp.stack(parts[2:], axis=3)
-  dy = jnp.stack([top, bottom], axis=2)   # [N, H/2, 2, W/2, 2, C]
-  return dy.reshape(n, 2 * h2, 2 * w2, ch), db
+  g, db = _add_bias_bwd(None, jnp.where(out > 0, g, zero))
+  return _unpool([jnp.where(first == i, g, zero) for i in range(4)]), db
 
 
 bias_relu_max_pool_2x2.defvjp(_bias_relu_pool_fwd, _bias_relu_pool_bwd)

@@ -23,16 +23,6 @@ from configs import default  # noqa: E402
 from mnist_jax import train  # noqa: E402
 
 
-def _override(config, assignment: str):
-  key, value = assignment.split('=', 1)
-  *parents, leaf = key.split('.')
-  node = config
-  for p in parents:
-    node = node[p]
-  node[leaf] = type(node[leaf])(value) if not isinstance(
-      node[leaf], bool) else value.lower() in ('1', 'true')
-
-
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--out', default='benchmarks/results/accuracy.json')
@@ -42,7 +32,7 @@ def main():
   args = parser.parse_args()
   config = default.get_config()
   for assignment in args.set:
-    _override(config, assignment)
+    common.override(config, assignment)
   workdir = args.workdir or tempfile.mkdtemp(prefix='mnist_acc_')
   t0 = time.perf_counter()
   result = train.train_and_evaluate(config, workdir)

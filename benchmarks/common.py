@@ -16,6 +16,18 @@ _CPU_FEATURES = ('avx2', 'avx512f', 'avx512_bf16', 'avx512_vnni', 'amx_bf16',
                  'amx_tile')
 
 
+def override(config, assignment: str) -> None:
+  """Applies one `--set key.sub=value` to `config`, in the key's own type."""
+  key, value = assignment.split('=', 1)
+  *parents, leaf = key.split('.')
+  node = config
+  for p in parents:
+    node = node[p]
+  old = node[leaf]
+  node[leaf] = (value.lower() in ('1', 'true') if isinstance(old, bool)
+                else type(old)(value))
+
+
 def machine_info() -> dict:
   """CPU model, cores, devices and library versions, for every JSON result."""
   import jax  # pylint: disable=g-import-not-at-top

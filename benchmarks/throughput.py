@@ -2,6 +2,7 @@ r"""Training and evaluation throughput, end to end and of the bare step.
 
   python benchmarks/throughput.py --out benchmarks/results/throughput.json
   python benchmarks/throughput.py --k 1,10 --windows 3   # compare dispatch sizes
+  python benchmarks/throughput.py --set dtype=bfloat16
 
 For each `steps_per_dispatch` k it measures, after warm-up (compilation):
   * bare: the compiled `train_fn` on device-resident data, nothing else
@@ -136,11 +137,16 @@ def main():
   parser.add_argument('--data_dir', default=os.path.join(
       os.path.dirname(os.path.abspath(__file__)), '..', '..', 'shared', 'data',
       'mnist'))
+  parser.add_argument('--set', action='append', default=[],
+                      help='config override key=value (repeatable), e.g. '
+                      'dtype=bfloat16')
   parser.add_argument('--out', default='benchmarks/results/throughput.json')
   args = parser.parse_args()
   base = default.get_config()
   base.data.source = args.source
   base.data.dir = args.data_dir if args.source == 'idx' else base.data.dir
+  for assignment in args.set:
+    common.override(base, assignment)
   ks = [int(k) for k in args.k.split(',')] if args.k else [
       base.steps_per_dispatch]
   rows = []
@@ -172,6 +178,7 @@ def main():
   memory = peak_memory()
   print('peak memory:', {k: round(v) for k, v in memory.items()})
   common.write_json(args.out, {'machine': common.machine_info(),
+                               'overrides': args.set,
                                'windows': args.windows, 'rows': rows,
                                'memory': memory,
                                'load_average': os.getloadavg()})

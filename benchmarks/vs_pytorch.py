@@ -80,14 +80,7 @@ def _config(args):
   config.data.source = 'idx'
   config.data.dir = args.data_dir
   for assignment in args.set:
-    key, value = assignment.split('=', 1)
-    *parents, leaf = key.split('.')
-    node = config
-    for p in parents:
-      node = node[p]
-    old = node[leaf]
-    node[leaf] = (value.lower() in ('1', 'true') if isinstance(old, bool)
-                  else type(old)(value))
+    common.override(config, assignment)
   return config
 
 

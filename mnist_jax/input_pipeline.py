@@ -107,7 +107,12 @@ def _load_tfds(data_dir: str, download: bool | str) -> tuple[Split, Split]:
   When they are not prepared in `data_dir` and `download` is 'auto' (or
   True), TFDS downloads and prepares them there first, once.
   """
-  tf_setup.hide_accelerators_from_tf()  # before TFDS imports TensorFlow
+  if not tf_setup.hide_accelerators_from_tf():  # before TFDS imports TF
+    raise DataError(
+        "data.source='tfds' reads MNIST through TensorFlow, which is not "
+        'importable here: install it (pip install tensorflow-cpu) or use '
+        '--config.data.source=idx --config.data.dir=<folder with '
+        'train-images-idx3-ubyte.gz ...>.')
   tf_setup.wait_for_preload()  # no other imports while TFDS imports
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 

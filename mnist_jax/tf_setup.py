@@ -10,27 +10,39 @@ from mnist_jax import console
 
 _lock = threading.Lock()
 _hidden = False
+_available = None  # None: not tried yet; then whether TensorFlow imports.
 _preload_thread = None
 
 # clu modules that import TensorFlow (~2 s on a 2-core machine).
 TF_MODULES = ('clu.metric_writers', 'clu.periodic_actions')
 
 
-def hide_accelerators_from_tf() -> None:
+def hide_accelerators_from_tf() -> bool:
   """Hides GPUs from TensorFlow so it never takes accelerator memory from JAX.
 
   Must run before TensorFlow touches a GPU, i.e. before any TFDS or summary
   writer use; idempotent and thread-safe. Everything in mnist_jax that imports
   TensorFlow calls it first.
+
+  Returns whether TensorFlow is installed. Accelerator images often carry JAX
+  without TensorFlow: there summaries go through TensorBoard's own event
+  writer (`hooks.event_writer`) and the IDX data source needs none.
   """
-  global _hidden
+  global _hidden, _available
   with _lock:
-    if _hidden:
-      return
+    if _hidden or _available is False:
+      return bool(_available)
     with console.native_info_to_log():  # TF's C++ start-up notices
-      import tensorflow as tf  # pylint: disable=g-import-not-at-top
+      try:
+        import tensorflow as tf  # pylint: disable=g-import-not-at-top
+      except ImportError as e:
+        _available = False
+        logging.info('TensorFlow is not importable (%s): summaries use '
+                     "TensorBoard's own event writer.", e)
+        return False
       tf.config.set_visible_devices([], 'GPU')
-    _hidden = True
+    _hidden = _available = True
+    return True
 
 
 def preload_in_background() -> threading.Thread:
@@ -45,7 +57,8 @@ def preload_in_background() -> threading.Thread:
 
   def work():
     try:
-      hide_accelerators_from_tf()
+      if not hide_accelerators_from_tf():
+        return
       for name in TF_MODULES:
         importlib.import_module(name)
     except Exception as e:  # pylint: disable=broad-except

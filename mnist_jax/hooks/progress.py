@@ -55,10 +55,12 @@ class ProgressHook(base.Hook):
       # clu's periodic_actions imports TensorFlow: made after the first
       # dispatch is queued, so the import (usually done in the background by
       # then, tf_setup.preload_in_background) is off the path to step 1.
-      tf_setup.hide_accelerators_from_tf()
-      from clu import periodic_actions  # pylint: disable=g-import-not-at-top
-      self._report = periodic_actions.ReportProgress(
-          num_train_steps=run.total_steps, every_secs=self.report_every_secs)
+      if tf_setup.hide_accelerators_from_tf():
+        from clu import periodic_actions  # pylint: disable=g-import-not-at-top
+        self._report = periodic_actions.ReportProgress(
+            num_train_steps=run.total_steps, every_secs=self.report_every_secs)
+      else:  # clu's periodic actions import TensorFlow
+        self._report = _RateLog(run.total_steps, self.report_every_secs)
     self._report(step)  # Host-side timing only; never blocks on the device.
 
   def on_metrics(self, run, first_step, metrics):
@@ -153,3 +155,24 @@ class ProfileHook(base.Hook):
   def on_train_end(self, run, step, state, result):
     if self._started_at is not None:
       self._stop(state)
+
+
+class _RateLog:
+  """Logs steps/s and the ETA every `every_secs`: clu's `ReportProgress`
+  for processes without TensorFlow (its module imports it)."""
+
+  def __init__(self, total_steps: int, every_secs: float):
+    self.total_steps, self.every_secs = total_steps, every_secs
+    self._last = None  # (time, step) of the last report
+
+  def __call__(self, step: int) -> None:
+    now = time.monotonic()
+    if self._last is None:
+      self._last = (now, step)
+      return
+    t, s = self._last
+    if now - t >= self.every_secs and step > s:
+      rate = (step - s) / (now - t)
+      logging.info('%.1f steps/s, step %d/%d, ETA %.0f min', rate, step,
+                   self.total_steps, (self.total_steps - step) / rate / 60)
+      self._last = (now, step)

@@ -9,6 +9,7 @@ images. Only the lead process writes event files."""
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
@@ -24,6 +25,7 @@ from mnist_jax import models
 from mnist_jax import parallel
 from mnist_jax import tf_setup
 from mnist_jax.hooks import base
+from mnist_jax.hooks import event_writer
 
 # Histograms are drawn from a uniform random sample of at most this many values
 # per end point: conv1 of a 512-image batch has 12.8M activations, and sending
@@ -140,12 +142,15 @@ class SummaryHook(base.Hook):
       return
     workdir, just_logging, hparams = self._pending
     self._pending = None
-    tf_setup.hide_accelerators_from_tf()
-    from clu import metric_writers  # pylint: disable=g-import-not-at-top
-    self._train_writer = metric_writers.create_default_writer(
-        os.path.join(workdir, 'train'), just_logging=just_logging)
-    self._eval_writer = metric_writers.create_default_writer(
-        os.path.join(workdir, 'eval'), just_logging=just_logging)
+    if tf_setup.hide_accelerators_from_tf():
+      from clu import metric_writers  # pylint: disable=g-import-not-at-top
+      make = functools.partial(metric_writers.create_default_writer,
+                               just_logging=just_logging)
+    else:  # No TensorFlow (e.g. a JAX-only GPU image): the same event files.
+      make = lambda logdir: event_writer.EventWriter(  # pylint: disable=g-long-lambda
+          None if just_logging else logdir)
+    self._train_writer = make(os.path.join(workdir, 'train'))
+    self._eval_writer = make(os.path.join(workdir, 'eval'))
     self._train_writer.write_hparams(hparams)
 
   # ------------------------------------------------------------------ start

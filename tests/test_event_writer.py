@@ -1,0 +1,150 @@
+"""Training without TensorFlow: TensorBoard's own event writer writes what
+clu's TensorFlow writer writes, and a whole run works with TensorFlow
+unimportable (as on JAX-only GPU and TPU images)."""
+
+import io
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+from PIL import Image
+import pytest
+
+from conftest import ROOT
+from conftest import read_events
+from mnist_jax.hooks import event_writer
+
+
+def _write_all(writer, images, acts):
+  writer.write_hparams({'batch_size': 32, 'data.source': 'idx', 'lr': 0.5})
+  writer.write_scalars(3, {'loss': 0.25, 'accuracy': 0.875})
+  writer.write_scalars(7, {'loss': 0.125})
+  writer.write_histograms(7, {'activations/conv1': acts})
+  writer.write_images(7, {'images': images})
+  writer.write_texts(7, {'note': 'hello'})
+  writer.flush()
+  writer.close()
+
+
+def test_same_records_as_clus_tensorflow_writer(tmp_path):
+  from clu import metric_writers  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  images = rng.random((3, 28, 28, 1)).astype(np.float32)
+  acts = np.maximum(rng.normal(size=(4, 14, 14, 32)), 0).astype(np.float32)
+  _write_all(metric_writers.SummaryWriter(str(tmp_path / 'tf')), images, acts)
+  _write_all(event_writer.EventWriter(str(tmp_path / 'tb')), images, acts)
+  ref, got = read_events(str(tmp_path / 'tf')), read_events(str(tmp_path / 'tb'))
+
+  assert got.keys() == ref.keys()
+  for tag in ref:
+    assert got[tag].keys() == ref[tag].keys(), tag
+    for step in ref[tag]:
+      assert got[tag][step][0] == ref[tag][step][0], (tag, step)  # plugin
+  for tag, step in (('loss', 3), ('loss', 7), ('accuracy', 3)):
+    assert got[tag][step][1].dtype == ref[tag][step][1].dtype == np.float32
+    assert got[tag][step][1] == ref[tag][step][1]
+  assert got['note'][7][1] == ref['note'][7][1] == b'hello'
+
+  hist, ref_hist = got['activations/conv1'][7][1], ref['activations/conv1'][7][1]
+  assert hist.shape == ref_hist.shape == (30, 3)
+  assert hist[:, 2].sum() == ref_hist[:, 2].sum() == acts.size
+  assert hist[0, 0] == pytest.approx(ref_hist[0, 0])  # the data's min ...
+  assert hist[-1, 1] == pytest.approx(ref_hist[-1, 1])  # ... and max
+  # Zeros (the ReLU's) land in the first bucket in both.
+  assert hist[0, 2] == ref_hist[0, 2] >= np.sum(acts == 0)
+
+  png, ref_png = got['images'][7][1], ref['images'][7][1]
+  assert list(png[:2]) == list(ref_png[:2]) == [b'28', b'28']
+  for a, b in zip(png[2:], ref_png[2:]):
+    pixels = np.asarray(Image.open(io.BytesIO(a)))
+    ref_pixels = np.asarray(Image.open(io.BytesIO(b)))
+    assert pixels.shape == (28, 28)
+    # TensorFlow scales by 255 and rounds (saturate_cast): off by one at most.
+    assert np.abs(pixels.astype(int) - ref_pixels.reshape(28, 28)).max() <= 1
+
+
+def test_histogram_buckets_edge_cases():
+  assert event_writer.histogram_buckets([], 30).shape == (0, 3)
+  single = event_writer.histogram_buckets(np.full(5, 2.0), 30)
+  assert single.tolist() == [[1.5, 2.5, 5.0]]
+  with_nan = event_writer.histogram_buckets([0.0, np.nan, 1.0, np.inf], 4)
+  assert with_nan[:, 2].sum() == 2
+
+
+def test_logging_only_writer_makes_no_files(tmp_path):
+  writer = event_writer.EventWriter(None)
+  _write_all(writer, np.zeros((1, 4, 4, 1)), np.zeros(3))
+  assert not os.listdir(tmp_path)
+
+
+_NO_TF_RUN = r'''
+import sys
+sys.modules['tensorflow'] = None  # as if not installed: import fails
+sys.path.insert(0, sys.argv[3])
+from conftest import tiny_config_for
+from mnist_jax import tf_setup, train
+config = tiny_config_for(sys.argv[1])
+config.num_epochs = 1
+config.checkpoint_every_steps = 0
+result = train.train_and_evaluate(config, sys.argv[2])
+assert 'tensorflow' not in {m.split('.')[0] for m in sys.modules
+                            if sys.modules[m] is not None}
+print('available', tf_setup.hide_accelerators_from_tf())
+print('accuracy', result['final']['test_accuracy'])
+'''
+
+
+@pytest.mark.slow
+def test_training_without_tensorflow_writes_the_same_summaries(idx_dir,
+                                                               tmp_path):
+  workdir = str(tmp_path / 'run')
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  proc = subprocess.run(
+      [sys.executable, '-c', _NO_TF_RUN, idx_dir, workdir,
+       os.path.join(ROOT, 'tests')], env=env, capture_output=True, text=True,
+      timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'available False' in proc.stdout
+  train_events = read_events(os.path.join(workdir, 'train'))
+  eval_events = read_events(os.path.join(workdir, 'eval'))
+  spe = 18  # 600 training images, batch 32
+  assert sorted(train_events['loss']) == [5, 10, 15, spe]
+  assert train_events['loss'][spe][0] == 'scalars'
+  assert train_events['images'][spe][0] == 'images'
+  assert train_events['activations/conv1'][spe][0] == 'histograms'
+  assert any(p == 'hparams' for s in train_events.values()
+             for p, _ in s.values())
+  accuracy = float(proc.stdout.split('accuracy ')[1].split()[0])
+  assert eval_events['accuracy'][spe][1] == pytest.approx(accuracy)
+  with open(os.path.join(workdir, 'metrics.json')) as f:
+    assert json.load(f)['final']['test_accuracy'] == pytest.approx(accuracy)
+  # The report reads the same files: its learning curves have the losses.
+  assert os.path.exists(os.path.join(workdir, 'report', 'report.md'))
+
+
+_NO_TF_TFDS = r'''
+import sys
+sys.modules['tensorflow'] = None
+from configs import default
+from mnist_jax import input_pipeline
+config = default.get_config()
+config.data.cache_dir = 'none'
+config.data.dir = sys.argv[1]
+try:
+  input_pipeline.load(config)
+except input_pipeline.DataError as e:
+  print('DataError:', e)
+'''
+
+
+def test_tfds_source_without_tensorflow_says_to_use_idx(tmp_path):
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  proc = subprocess.run([sys.executable, '-c', _NO_TF_TFDS, str(tmp_path)],
+                        env=env, capture_output=True, text=True, timeout=120,
+                        cwd=ROOT)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  line, = [l for l in proc.stdout.splitlines() if l.startswith('DataError')]
+  assert 'TensorFlow, which is not importable here' in line
+  assert '--config.data.source=idx' in line

@@ -10,7 +10,9 @@ is the same model, loss, L2, Adam and staircase decay (batch 512, the first
 timed is what `benchmarks/throughput.py`'s bare step times: an epoch of
 training steps over a device-resident, per-epoch-shuffled training set. Each
 epoch is timed from a `cuda.synchronize()` to the next; the test accuracy is
-measured after each. `--dtype bfloat16` runs under CUDA autocast.
+measured after each. `--dtype bfloat16` runs under CUDA autocast; `--layout`
+picks NCHW (PyTorch's default) or NHWC (channels_last); cuDNN's autotuner
+(`cudnn.benchmark`) is on unless `--cudnn_benchmark 0`.
 `--compile` wraps the loss in `torch.compile`. It needs only torch and numpy,
 and never imports JAX (which would take the GPU's memory).
 """
@@ -89,15 +91,24 @@ def main():
   parser.add_argument('--dtype', default='float32',
                       choices=('float32', 'bfloat16'))
   parser.add_argument('--compile', action='store_true')
+  parser.add_argument('--layout', default='nchw', choices=('nchw', 'nhwc'),
+                      help='memory format (nhwc: channels_last)')
+  parser.add_argument('--cudnn_benchmark', default=1, type=int,
+                      help='1: cuDNN times its algorithms on first use')
   parser.add_argument('--target', type=float, default=0.99)
   parser.add_argument('--seed', type=int, default=0)
   parser.add_argument('--out', default='')
   args = parser.parse_args()
 
   device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+  torch.backends.cudnn.benchmark = bool(args.cudnn_benchmark)
   torch.manual_seed(args.seed)
   (x, y), (x_test, y_test) = load(args.data_dir, device)
-  model = Net().to(device).to(memory_format=torch.channels_last)
+  model = Net().to(device)
+  if args.layout == 'nhwc':
+    model = model.to(memory_format=torch.channels_last)
+    x = x.contiguous(memory_format=torch.channels_last)
+    x_test = x_test.contiguous(memory_format=torch.channels_last)
   kernels = [m.weight for m in (model.conv1, model.conv2, model.fc3, model.fc4)]
   biases = [m.bias for m in (model.conv1, model.conv2, model.fc3, model.fc4)]
   # Adam's coupled weight_decay adds L2 * w to the gradient: the tutorial's
@@ -147,25 +158,28 @@ def main():
     seconds = time.perf_counter() - t0
     train_seconds += seconds
     acc = test_accuracy()
+    loss = loss.item()
     epochs.append({'epoch': epoch, 'train_seconds': seconds,
                    'images_per_second': steps_per_epoch * BATCH / seconds,
-                   'loss': float(loss), 'test_accuracy': acc})
+                   'loss': loss, 'test_accuracy': acc})
     if reached is None and acc >= args.target:
       reached = {'epoch': epoch, 'train_seconds': train_seconds}
     print(f'epoch {epoch:3d} {seconds:7.3f} s {epochs[-1]["images_per_second"]:9.0f}'
-          f' img/s loss {float(loss):.4f} test {acc:.2%}', flush=True)
+          f' img/s loss {loss:.4f} test {acc:.2%}', flush=True)
   steady = [e['images_per_second'] for e in epochs[1:]] or [
       epochs[0]['images_per_second']]
   result = {
       'device': torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu',
       'torch': torch.__version__, 'dtype': args.dtype, 'compile': args.compile,
+      'layout': args.layout, 'cudnn_benchmark': bool(args.cudnn_benchmark),
       'epochs': epochs, 'train_seconds_total': train_seconds,
       'train_seconds_after_epoch_1': train_seconds - epochs[0]['train_seconds'],
       'images_per_second_median_after_epoch_1': statistics.median(steady),
       'images_per_second_min_max_after_epoch_1': [min(steady), max(steady)],
       'final_test_accuracy': epochs[-1]['test_accuracy'], 'target': args.target,
       'reached': reached}
-  print(f'RESULT torch {args.dtype}{" compile" if args.compile else ""}: '
+  print(f'RESULT torch {args.dtype} {args.layout}'
+        f'{" compile" if args.compile else ""}: '
         f'{result["images_per_second_median_after_epoch_1"]:.0f} img/s '
         f'(epochs 2+), training {train_seconds:.2f} s in all, final test '
         f'{result["final_test_accuracy"]:.2%}, {args.target:.0%} reached: '

@@ -8,6 +8,7 @@ carries out.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import functools
 import json
@@ -271,10 +272,16 @@ class _Loop:
         out_shardings=jax.NamedSharding(run.mesh, jax.P()))
     self.first_step_of_run = int(state.step)
     step = int(state.step)
+    compile_seconds = None
     while step < run.total_steps:
       epoch = step // run.steps_per_epoch
       epoch_end = min((epoch + 1) * run.steps_per_epoch, run.total_steps)
       perm = permutation(run.rngs['data'], epoch)
+      if compile_seconds is None:  # every dispatch length, before the clock
+        compile_seconds = _precompile(
+            train_fn, (state, train_data, perm, run.rngs['dropout']),
+            dispatch_lengths(config, step, run.total_steps,
+                             run.steps_per_epoch))
       t0 = time.perf_counter()
       first_step, pending = step, []
       merged = None
@@ -297,6 +304,8 @@ class _Loop:
                 'train_seconds': train_time,
                 'images_per_second': (step - first_step) * config.batch_size
                                      / train_time}
+      if first_step == self.first_step_of_run:  # this session's first epoch
+        record['compile_seconds'] = compile_seconds
       if (epoch + 1) % config.eval_every_epochs == 0 or step == run.total_steps:
         for name, split in run.eval_splits.items():
           record.update({f'{name}_{k}': v for k, v in steps.evaluate(
@@ -340,6 +349,44 @@ class _Loop:
       part = metrics_lib.merge_stacked(host)
       merged = part if merged is None else merged.merge(part)
     return merged
+
+
+def dispatch_lengths(config, step: int, total_steps: int,
+                     steps_per_epoch: int, limit: int = 1 << 20) -> list[int]:
+  """The distinct dispatch lengths (`_chunk_length`) from `step` to the end,
+  each one compiled program; the first `limit` dispatches are looked at."""
+  lengths = set()
+  for _ in range(limit):
+    if step >= total_steps:
+      break
+    epoch_end = min((step // steps_per_epoch + 1) * steps_per_epoch,
+                    total_steps)
+    n = _chunk_length(config, step, epoch_end)
+    lengths.add(n)
+    step += n
+  return sorted(lengths)
+
+
+def _precompile(train_fn, args, lengths: list[int]) -> float:
+  """Compiles `train_fn` for every dispatch length, concurrently (XLA's
+  compiler releases the GIL); returns the wall seconds.
+
+  The jitted function's own cache then holds the programs: the epochs'
+  `train_seconds` time training alone, and the last epoch's shorter dispatch
+  no longer stops the first epoch to compile. The pmap option (no `lower`)
+  compiles at first use, as before.
+  """
+  t0 = time.perf_counter()
+  if hasattr(train_fn, 'lower') and lengths:
+    def compile_one(n):
+      return train_fn.lower(*args, num_steps=n).compile()
+    with concurrent.futures.ThreadPoolExecutor(len(lengths)) as pool:
+      for future in [pool.submit(compile_one, n) for n in lengths]:
+        future.result()
+  seconds = time.perf_counter() - t0
+  logging.info('Compiled the training step for dispatches of %s steps in '
+               '%.1f s.', '/'.join(map(str, lengths)), seconds)
+  return seconds
 
 
 def _chunk_length(config, step: int, epoch_end: int) -> int:

@@ -13,6 +13,7 @@ from mnist_jax import optimizer
 from mnist_jax import parallel
 from mnist_jax import steps
 from mnist_jax import train
+from mnist_jax.hooks import base
 
 
 def test_learning_rate_schedule_staircase():
@@ -165,6 +166,40 @@ def test_dispatches_end_at_epoch_ends_and_checkpoint_steps(tiny_config):
   tiny_config.steps_per_dispatch = 4
   assert lengths(0) == [4, 4, 4, 4, 2]  # checkpoints at epoch ends only
   assert lengths(10) == [4, 4, 2, 4, 4]  # 10 is a dispatch boundary
+
+
+def test_every_dispatch_length_compiles_before_the_epochs_clock(
+    tiny_config, tmp_path):
+  """Lengths 4, 4, 4, 4, 2 per epoch: both programs are compiled before the
+  first epoch's timer starts, so no compilation happens while it runs, and
+  the first epoch's record says how long compiling took."""
+  tiny_config.steps_per_dispatch = 4
+  tiny_config.checkpoint_every_steps = 0
+  tiny_config.write_report = False
+  tiny_config.compilation_cache_dir = 'none'  # real compilations, counted
+  assert train.dispatch_lengths(tiny_config, 0, 36, 18) == [2, 4]
+  assert train.dispatch_lengths(tiny_config, 34, 36, 18) == [2]
+  compiles, seen = [], []
+
+  def listener(event, duration, **kwargs):
+    del duration, kwargs
+    if event == '/jax/core/compile/backend_compile_duration':
+      compiles.append(event)
+  jax.monitoring.register_event_duration_secs_listener(listener)
+
+  class Watch(base.Hook):
+    def on_steps(self, run, step, state):
+      seen.append((step, len(compiles)))
+  try:
+    result = train.train_and_evaluate(
+        tiny_config, str(tmp_path), hooks=[Watch()])
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  for epoch_end in (18, 36):  # within each epoch, no new compilation
+    counts = {c for s, c in seen if epoch_end - 18 < s <= epoch_end}
+    assert len(counts) == 1, seen
+  first, second = result['epochs']
+  assert first['compile_seconds'] > 0 and 'compile_seconds' not in second
 
 
 def test_epoch_line_shows_every_metric_of_the_record():

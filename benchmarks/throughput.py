@@ -172,9 +172,9 @@ def main():
           f"{fmt(r['e2e_train']) if 'e2e_train' in r else '-':>22} "
           f"{r.get('ratio', float('nan')):6.1%} "
           f"{fmt(r['e2e_whole_loop']) if 'e2e_whole_loop' in r else '-':>22} "
-          f"{r['eval_test_seconds']['median']:7.2f} "
-          f"({r['eval_test_seconds']['min']:.2f}-"
-          f"{r['eval_test_seconds']['max']:.2f})")
+          f"{r['eval_test_seconds']['median']:7.3f} "
+          f"({r['eval_test_seconds']['min']:.3f}-"
+          f"{r['eval_test_seconds']['max']:.3f})")
   memory = peak_memory()
   print('peak memory:', {k: round(v) for k, v in memory.items()})
   common.write_json(args.out, {'machine': common.machine_info(),

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The GPU campaign behind docs/performance.md's GPU section, in one go:
+# cold compilation (jit call vs ahead of time), the default 20-epoch run in
+# float32 and bfloat16 from an empty compilation cache, then 2 rounds of the
+# PyTorch reference and the project's throughput, alternating.
+#   bash benchmarks/gpu_campaign.sh <MNIST IDX folder> <results folder>
+# Needs torch (CUDA) beside the project; works without TensorFlow.
+set -u
+D=${1:?IDX folder}; R=${2:?results folder}
+mkdir -p "$R"
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+run() { name=$1; shift; echo "=== $name start"; s=$(date +%s.%N); timeout "$@"; rc=$?
+        echo "=== $name rc=$rc wall=$(python3 -c "import time;print(round(time.time()-$s,1))") s"; }
+for m in jit aot; do run compile_$m 60 python3 benchmarks/compile_time.py --mode $m --data_dir "$D"; done
+rm -rf ~/.cache/mnist_jax/jax_cache  # the default 20-epoch runs start cold
+run acc_f32 300 python3 benchmarks/accuracy.py --set data.source=idx --set data.dir="$D" --out "$R/accuracy_gpu.json"
+run acc_bf16 300 python3 benchmarks/accuracy.py --set data.source=idx --set data.dir="$D" --set dtype=bfloat16 --out "$R/accuracy_gpu_bfloat16.json"
+for r in 1 2; do
+  run torch_f32_$r 120 python3 benchmarks/torch_gpu.py --data_dir "$D" --epochs 6 --out "$R/sbs_torch_f32_$r.json"
+  run proj_f32_$r 120 python3 benchmarks/throughput.py --data_dir "$D" --out "$R/sbs_proj_f32_$r.json"
+  run torch_bf16_$r 120 python3 benchmarks/torch_gpu.py --data_dir "$D" --epochs 6 --dtype bfloat16 --out "$R/sbs_torch_bf16_$r.json"
+  run proj_bf16_$r 120 python3 benchmarks/throughput.py --data_dir "$D" --set dtype=bfloat16 --out "$R/sbs_proj_bf16_$r.json"
+done

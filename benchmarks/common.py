@@ -1,6 +1,7 @@
 """Shared benchmark helpers: machine description, timing statistics, JSON."""
 
 import json
+import importlib.metadata
 import os
 import platform
 import re
@@ -52,9 +53,16 @@ def machine_info() -> dict:
                'numpy'):
     try:
       module = __import__(name, fromlist=['__version__'])
-      versions[name] = getattr(module, '__version__', '?')
+      versions[name] = getattr(module, '__version__', None)
     except ImportError:
       versions[name] = None
+      continue
+    if versions[name] is None:  # clu has no __version__: ask its distribution
+      try:
+        versions[name] = importlib.metadata.version(
+            name.replace('.', '-'))
+      except importlib.metadata.PackageNotFoundError:
+        versions[name] = '?'
   devices = jax.devices()
   return {
       'cpu': cpu, 'cpu_vendor': vendor,

@@ -107,3 +107,25 @@ def test_only_process_zero_prints(monkeypatch):
   for stream in (FakeTTY(), io.StringIO()):
     drive(progress.ProgressHook(stream=stream), fake_run())
     assert stream.getvalue() == ''
+
+
+def test_without_tensorflow_a_rate_log_stands_in(monkeypatch, caplog):
+  """clu's ReportProgress imports TensorFlow; without it, the hook logs
+  steps/s and the ETA itself, every `report_every_secs`."""
+  from mnist_jax import tf_setup  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(tf_setup, 'hide_accelerators_from_tf', lambda: False)
+  hook = progress.ProgressHook(stream=io.StringIO(), report_every_secs=25)
+  drive(hook, fake_run(), dispatch=2)
+  assert isinstance(hook._report, progress._RateLog)  # pylint: disable=protected-access
+
+  clock = iter(range(0, 1000, 10))  # 10 s between calls
+  rate_log = progress._RateLog(20, 25, clock=lambda: next(clock))  # pylint: disable=protected-access
+  with caplog.at_level(logging.INFO):
+    for step in range(2, 21, 2):
+      rate_log(step)
+  notes = [r.getMessage() for r in caplog.records
+           if 'steps/s' in r.getMessage()]
+  # Calls at steps 2, 4, ..., 20, 10 s apart: reports at steps 8, 14 and 20,
+  # each over 6 steps in 30 s.
+  assert notes == [f'0.2 steps/s, step {s}/20, ETA {(20 - s) / 0.2 / 60:.0f} min'
+                   for s in (8, 14, 20)], notes

@@ -161,12 +161,14 @@ class _RateLog:
   """Logs steps/s and the ETA every `every_secs`: clu's `ReportProgress`
   for processes without TensorFlow (its module imports it)."""
 
-  def __init__(self, total_steps: int, every_secs: float):
+  def __init__(self, total_steps: int, every_secs: float,
+               clock=time.monotonic):
     self.total_steps, self.every_secs = total_steps, every_secs
+    self._clock = clock
     self._last = None  # (time, step) of the last report
 
   def __call__(self, step: int) -> None:
-    now = time.monotonic()
+    now = self._clock()
     if self._last is None:
       self._last = (now, step)
       return

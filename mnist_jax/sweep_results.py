@@ -19,6 +19,7 @@ import os
 from typing import Any, Sequence
 
 from mnist_jax import tf_setup
+from mnist_jax.hooks import event_writer
 
 CSV_FILE = 'sweep_results.csv'
 MD_FILE = 'sweep_results.md'
@@ -145,9 +146,11 @@ def write_point_hparams(point_workdir: str, overrides: dict[str, Any],
   """
   if row.get('best_validation_accuracy') is None:
     return
-  from clu import metric_writers  # pylint: disable=g-import-not-at-top
-  tf_setup.hide_accelerators_from_tf()
-  writer = metric_writers.SummaryWriter(point_workdir)
+  if tf_setup.hide_accelerators_from_tf():
+    from clu import metric_writers  # pylint: disable=g-import-not-at-top
+    writer = metric_writers.SummaryWriter(point_workdir)
+  else:  # the same records through TensorBoard's own writer
+    writer = event_writer.EventWriter(point_workdir)
   writer.write_hparams(dict(overrides))
   writer.write_scalars(row['steps'] or 0, {
       'sweep/best_validation_accuracy': row['best_validation_accuracy'],
@@ -162,9 +165,8 @@ def write_hparams_config(workdir: str,
   `<workdir>` so the HParams dashboard shows them as columns; written once."""
   if glob.glob(os.path.join(workdir, 'events.out.tfevents.*')):
     return
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from tensorboard.plugins.hparams import api as hp  # pylint: disable=g-import-not-at-top
-  tf_setup.hide_accelerators_from_tf()
+  # TensorBoard's pure-proto HParams API: no TensorFlow needed.
+  from tensorboard.plugins.hparams import summary_v2 as hp  # pylint: disable=g-import-not-at-top
   hparams = []
   for key in override_keys(overrides):
     values = {p[key] for p in overrides if key in p}
@@ -174,7 +176,7 @@ def write_hparams_config(workdir: str,
     hparams.append(hp.HParam(key, domain))
   metrics = [hp.Metric(tag, display_name=name)
              for tag, name in HPARAM_METRICS.items()]
-  writer = tf.summary.create_file_writer(workdir)
-  with writer.as_default():
-    hp.hparams_config(hparams=hparams, metrics=metrics)
+  writer = event_writer.EventWriter(workdir)
+  writer.write_summary_proto(0, hp.hparams_config_pb(hparams=hparams,
+                                                     metrics=metrics))
   writer.close()

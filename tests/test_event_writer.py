@@ -1,6 +1,7 @@
 """Training without TensorFlow: TensorBoard's own event writer writes what
-clu's TensorFlow writer writes, and a whole run works with TensorFlow
-unimportable (as on JAX-only GPU and TPU images)."""
+clu's TensorFlow writer writes, and a whole run, the TFDS error and a sweep's
+HParams work with TensorFlow unimportable (as on JAX-only GPU and TPU
+images)."""
 
 import io
 import json
@@ -148,3 +149,63 @@ def test_tfds_source_without_tensorflow_says_to_use_idx(tmp_path):
   line, = [l for l in proc.stdout.splitlines() if l.startswith('DataError')]
   assert 'TensorFlow, which is not importable here' in line
   assert '--config.data.source=idx' in line
+
+
+_SWEEP_HPARAMS = r'''
+import sys
+if sys.argv[2] == 'no-tf':
+  sys.modules['tensorflow'] = None
+from mnist_jax import sweep_results
+out = sys.argv[1]
+points = [{'initial_learning_rate': 0.001}, {'initial_learning_rate': 0.01,
+                                              'batch_size': 256}]
+sweep_results.write_hparams_config(out, points)
+sweep_results.write_point_hparams(out + '/point', points[1], {
+    'best_validation_accuracy': 0.75, 'test_accuracy': 0.5,
+    'wall_seconds': 3.0, 'steps': 12})
+'''
+
+
+def _hparams_records(logdir):
+  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
+  from tensorboard.plugins.hparams import metadata  # pylint: disable=g-import-not-at-top
+  from tensorboard.util import tensor_util  # pylint: disable=g-import-not-at-top
+  acc = event_accumulator.EventAccumulator(
+      logdir, size_guidance={event_accumulator.TENSORS: 0})
+  acc.Reload()
+  content = acc.PluginTagToContent('hparams')
+  out = {}
+  if metadata.EXPERIMENT_TAG in content:
+    experiment = metadata.parse_experiment_plugin_data(
+        content[metadata.EXPERIMENT_TAG])
+    out['columns'] = [(h.name,
+                       [v.number_value for v in h.domain_discrete.values])
+                      for h in experiment.hparam_infos]
+    out['metrics'] = [m.name.tag for m in experiment.metric_infos]
+  if metadata.SESSION_START_INFO_TAG in content:
+    info = metadata.parse_session_start_info_plugin_data(
+        content[metadata.SESSION_START_INFO_TAG])
+    out['session'] = {k: v.number_value for k, v in info.hparams.items()}
+    out['best'] = float(tensor_util.make_ndarray(
+        acc.Tensors('sweep/best_validation_accuracy')[-1].tensor_proto))
+  return out
+
+
+def test_sweep_hparams_without_tensorflow_match_the_tensorflow_ones(tmp_path):
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  got = {}
+  for mode in ('tf', 'no-tf'):
+    out = str(tmp_path / mode)
+    proc = subprocess.run([sys.executable, '-c', _SWEEP_HPARAMS, out, mode],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got[mode] = (_hparams_records(out), _hparams_records(out + '/point'))
+  assert got['no-tf'] == got['tf']
+  experiment, point = got['tf']
+  assert experiment['columns'] == [('initial_learning_rate', [0.001, 0.01]),
+                                   ('batch_size', [256.0])]
+  assert experiment['metrics'] == ['sweep/best_validation_accuracy',
+                                   'sweep/test_accuracy', 'sweep/wall_seconds']
+  assert point['session'] == {'initial_learning_rate': 0.01,
+                              'batch_size': 256.0}
+  assert point['best'] == 0.75

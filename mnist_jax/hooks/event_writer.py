@@ -97,13 +97,15 @@ class EventWriter:
                        for k, v in texts.items()))
 
   def write_hparams(self, hparams: Mapping[str, Any]) -> None:
-    if self._writer is None:
-      return
     # Pure protos (TensorBoard's own tf stub): no TensorFlow needed.
     from tensorboard.plugins.hparams import summary_v2  # pylint: disable=g-import-not-at-top
-    summary = summary_v2.hparams_pb(dict(hparams))
-    self._writer.add_event(self._event_pb2.Event(
-        step=0, wall_time=time.time(), summary=summary))
+    self.write_summary_proto(0, summary_v2.hparams_pb(dict(hparams)))
+
+  def write_summary_proto(self, step: int, summary) -> None:
+    """Writes a ready `Summary` proto (e.g. `summary_v2.hparams_config_pb`)."""
+    if self._writer is not None:
+      self._writer.add_event(self._event_pb2.Event(
+          step=int(step), wall_time=time.time(), summary=summary))
 
   def flush(self) -> None:
     if self._writer is not None:

@@ -94,7 +94,9 @@ def main(spec_path, out_path):
     result = train.train_and_evaluate(config, run['workdir'], hooks=hooks)
     results[run['name']] = dict(
         recorder.out, losses=recorder.losses, final=result['final'],
-        step=result['step'], process=jax.process_index(),
+        step=result['step'],
+        compile_seconds=result['epochs'][0].get('compile_seconds'),
+        process=jax.process_index(),
         processes=jax.process_count(), devices=jax.device_count())
   with open(out_path, 'w') as f:
     json.dump(results, f)

@@ -132,6 +132,14 @@ def test_jit_mesh_on_8_devices_equals_1_device_with_dropout(
   _assert_same_run(eight_devices['jit'], one_device['jit'])
 
 
+def test_jit_compiles_ahead_of_the_clock_pmap_at_first_use(eight_devices):
+  """The jit mesh path compiles every dispatch length before the first
+  epoch and records how long; pmap (no `lower`) compiles at first use and
+  records nothing rather than a made-up 0."""
+  assert eight_devices['jit']['compile_seconds'] > 0
+  assert eight_devices['pmap']['compile_seconds'] is None
+
+
 def test_pmap_on_8_devices_equals_1_device(one_device, eight_devices):
   # Without dropout: pmap's per-device masks are independent draws, not
   # slices of the global mask (see steps.make_train_fn).

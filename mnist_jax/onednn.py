@@ -131,7 +131,7 @@ def _numpy_conv_and_grads(x, k, g, pads):
 
 
 def _self_test(dtype) -> str:
-  """Runs every kernel once on small inputs on the CPU (~30 ms), against
+  """Runs every kernel once on small inputs on the CPU, against
   numpy; returns '' when all agree, else why not (an error of oneDNN's, e.g.
   no bfloat16 kernels for this CPU, or a wrong result)."""
   pads = ((1, 1), (1, 1))

@@ -271,13 +271,11 @@ class _Loop:
         out_shardings=jax.NamedSharding(run.mesh, jax.P()))
     self.first_step_of_run = int(state.step)
     step = int(state.step)
-    compile_seconds, compiled = None, False
     while step < run.total_steps:
       epoch = step // run.steps_per_epoch
       epoch_end = min((epoch + 1) * run.steps_per_epoch, run.total_steps)
       perm = permutation(run.rngs['data'], epoch)
-      if not compiled:  # every dispatch length, before the clock
-        compiled = True
+      if step == self.first_step_of_run:  # all dispatch lengths, before t0
         compile_seconds = _precompile(
             train_fn, (state, train_data, perm, run.rngs['dropout']),
             dispatch_lengths(config, step, run.total_steps,

@@ -74,14 +74,15 @@ def main(argv):
   console.setup()  # Log chatter off the console (before TF and JAX start).
   import jax  # pylint: disable=g-import-not-at-top
   from mnist_jax import tf_setup, train  # pylint: disable=g-import-not-at-top
-  if FLAGS.mode == 'train' and not FLAGS.sweep:
-    tf_setup.preload_in_background()  # TF (GPUs hidden) beside start-up work
-  else:
-    tf_setup.hide_accelerators_from_tf()
   from mnist_jax import config_lib, parallel  # pylint: disable=g-import-not-at-top
-  try:  # Bad values stop before any file is made; multi-host starts before
-    # anything touches a JAX backend.
+  try:  # Bad values stop before any file is made (and before TensorFlow
+    # starts: its import takes seconds); multi-host starts before anything
+    # touches a JAX backend.
     config_lib.validate(FLAGS.config)
+    if FLAGS.mode == 'train' and not FLAGS.sweep:
+      tf_setup.preload_in_background()  # TF (GPUs hidden) beside start-up
+    else:
+      tf_setup.hide_accelerators_from_tf()
     parallel.initialize_distributed(FLAGS.config)
   except UserError as e:
     print(f'Error: {e}', file=sys.stderr, flush=True)

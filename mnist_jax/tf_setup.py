@@ -46,7 +46,7 @@ def hide_accelerators_from_tf() -> bool:
 
 
 def preload_in_background() -> threading.Thread:
-  """Imports TensorFlow (GPUs hidden) and clu's writers on a daemon thread.
+  """Imports TensorFlow (GPUs hidden) and clu's writers on a thread.
 
   Training needs them only for summaries, which start after the first steps;
   importing them beside data loading and compilation (which release the GIL)
@@ -66,8 +66,13 @@ def preload_in_background() -> threading.Thread:
 
   with _lock:
     if _preload_thread is None:
+      # Not a daemon: a process that exits while TensorFlow is still
+      # importing (e.g. after an `Error:` line at start-up) aborted in its
+      # C++ teardown (SIGABRT, ~1 exit in 8 here), and one that waits for
+      # it in an atexit handler crashes (the import then ends during
+      # shutdown). Python waits for a non-daemon thread before shutting down.
       _preload_thread = threading.Thread(target=work, name='tf-preload',
-                                         daemon=True)
+                                         daemon=False)
       _preload_thread.start()
   return _preload_thread
 

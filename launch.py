@@ -75,14 +75,9 @@ def main(argv):
   import jax  # pylint: disable=g-import-not-at-top
   from mnist_jax import tf_setup, train  # pylint: disable=g-import-not-at-top
   from mnist_jax import config_lib, parallel  # pylint: disable=g-import-not-at-top
-  try:  # Bad values stop before any file is made (and before TensorFlow
-    # starts: its import takes seconds); multi-host starts before anything
-    # touches a JAX backend.
+  try:  # Bad values stop before any file is made; multi-host starts before
+    # anything touches a JAX backend.
     config_lib.validate(FLAGS.config)
-    if FLAGS.mode == 'train' and not FLAGS.sweep:
-      tf_setup.preload_in_background()  # TF (GPUs hidden) beside start-up
-    else:
-      tf_setup.hide_accelerators_from_tf()
     parallel.initialize_distributed(FLAGS.config)
   except UserError as e:
     print(f'Error: {e}', file=sys.stderr, flush=True)
@@ -96,17 +91,23 @@ def main(argv):
     if FLAGS.sweep and FLAGS.mode != 'train':
       raise UserError(f'--sweep trains its points; it does not combine with '
                       f'--mode {FLAGS.mode} (run that on a point\'s workdir).')
+    if not FLAGS.sweep and (FLAGS.sweep_parallel != 1 or FLAGS.sweep_address):
+      raise UserError('--sweep_parallel and --sweep_address need --sweep.')
     if FLAGS.mode == 'train':  # One run per workdir (held until exit).
       workdir_lib.claim(workdir, enabled=parallel.is_lead())
       console.log_to_file(workdir, jax.process_index())
+    # TensorFlow (GPUs hidden) only once the command line has passed its
+    # checks: its import takes seconds, and an exit waits for it.
+    if FLAGS.mode == 'train' and not FLAGS.sweep:
+      tf_setup.preload_in_background()  # beside data loading and compiling
+    else:
+      tf_setup.hide_accelerators_from_tf()
     if FLAGS.sweep:
       from mnist_jax import sweep_run  # pylint: disable=g-import-not-at-top
       sys.exit(sweep_run.run_from_file(flags.FLAGS['config'].config_filename,
                                        FLAGS.config, workdir,
                                        parallel=FLAGS.sweep_parallel,
                                        address=FLAGS.sweep_address))
-    if FLAGS.sweep_parallel != 1 or FLAGS.sweep_address:
-      raise UserError('--sweep_parallel and --sweep_address need --sweep.')
     if FLAGS.mode == 'predict':
       from mnist_jax import predict  # pylint: disable=g-import-not-at-top
       sys.exit(predict.run(FLAGS.config, workdir, FLAGS.image + argv[1:]))

@@ -84,6 +84,8 @@ def _onednn_info() -> str:
     # lowering.py's driver must not import the package: it would add the
     # project's XLA flags to the flag sets its subprocesses measure.
     return 'not checked (mnist_jax not imported)'
+  if jax.default_backend() != 'cpu':  # the kernels are for CPUs only
+    return f'not used (backend {jax.default_backend()})'
   from mnist_jax import onednn  # pylint: disable=g-import-not-at-top
   if not onednn.available(np.zeros(1, np.float32)):
     return 'unavailable: ' + onednn._state['reason']  # pylint: disable=protected-access

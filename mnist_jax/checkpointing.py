@@ -52,7 +52,8 @@ def create_manager(directory: str, max_to_keep: int | None = None,
   """An orbax CheckpointManager for our three items (state, config, run)."""
   options = ocp.CheckpointManagerOptions(
       max_to_keep=max_to_keep, create=not read_only, read_only=read_only,
-      enable_async_checkpointing=not read_only)
+      enable_async_checkpointing=not read_only,
+      enable_background_delete=not read_only)  # close() waits for it
   return ocp.CheckpointManager(directory, options=options, item_handlers={
       'state': ocp.PyTreeCheckpointHandler(),
       'config': ocp.JsonCheckpointHandler(),
@@ -91,10 +92,28 @@ def all_finite(tree) -> bool:
                        if jnp.issubdtype(x.dtype, jnp.inexact)]))
 
 
-def save(manager, step: int, state, config, run: dict[str, Any]) -> str:
-  """Saves `state` at `step` asynchronously; returns the checkpoint's path."""
+@jax.jit
+def _copy_and_check(tree):
+  leaves = jax.tree.leaves(tree)
+  finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves
+                              if jnp.issubdtype(x.dtype, jnp.inexact)]))
+  return jax.tree.map(lambda x: jnp.array(x, copy=True), tree), finite
+
+
+def finite_copy(tree):
+  """(a copy of `tree` on the same devices, whether all its floats are
+  finite): one dispatch and one sync. The copy stays valid when the next
+  step donates the original's buffers, so it can be saved meanwhile."""
+  copy, finite = _copy_and_check(tree)
+  return copy, bool(finite)
+
+
+def save(manager, step: int, tree: dict[str, Any], config,
+         run: dict[str, Any]) -> str:
+  """Saves `tree` (a `state_tree`) at `step` asynchronously; returns the
+  checkpoint's path."""
   manager.save(step, force=True, args=ocp.args.Composite(
-      state=ocp.args.PyTreeSave(state_tree(state)),
+      state=ocp.args.PyTreeSave(tree),
       config=ocp.args.JsonSave(config_json(config)),
       run=ocp.args.JsonSave(run)))
   return os.path.join(str(manager.directory), str(step))

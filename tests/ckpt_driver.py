@@ -31,7 +31,7 @@ def save_init(config, workdir):
   state = parallel.put_replicated(steps.create_train_state(
       config, run.model, len(run.data.train), run.rngs['init']), run.mesh)
   manager = checkpointing.create_manager(checkpointing.checkpoint_dir(workdir))
-  checkpointing.save(manager, 0, state, config, {
+  checkpointing.save(manager, 0, checkpointing.state_tree(state), config, {
       'history': [], 'metrics': {}, 'time': time.time(), 'reason': 'init'})
   manager.wait_until_finished()
   manager.close()

@@ -4,6 +4,7 @@ request, and checkpoints written by the code before the package was layered."""
 
 import json
 import os
+import threading
 import time
 
 import jax
@@ -262,6 +263,42 @@ def test_save_refuses_a_non_finite_state(tiny_config, tmp_path):
   finally:
     hook.on_train_end(run, 20, state, None)
   assert ckpt_util.steps(str(tmp_path)) == [10]
+
+
+def test_orbax_saves_a_copy_beside_the_loop(tiny_config, tmp_path,
+                                           monkeypatch):
+  """The loop's thread checks and copies the state on its devices; orbax's
+  save of the copy runs on the hook's thread, so the next dispatch may
+  donate (here: delete) the state's buffers while it saves."""
+  run = train.setup(tiny_config, str(tmp_path))
+  state = _fresh_state(run)
+  expected = jax.device_get(state.params)
+  hook = checkpoint.CheckpointHook()
+  hook.on_train_start(run, state)
+  release, threads = threading.Event(), []
+  real_save = checkpointing.save
+
+  def slow_save(*args, **kwargs):
+    threads.append(threading.current_thread())
+    assert release.wait(30)
+    return real_save(*args, **kwargs)
+
+  monkeypatch.setattr(checkpointing, 'save', slow_save)
+  try:
+    update = hook.on_steps(run, 10, state)  # returns while orbax waits
+    assert update.checkpoint == os.path.join(
+        checkpointing.checkpoint_dir(str(tmp_path)), '10')
+    assert ckpt_util.steps(str(tmp_path)) == []
+    for x in jax.tree.leaves((state.params, state.opt_state)):
+      x.delete()  # what donation to the next step does
+    release.set()
+  finally:
+    release.set()
+    hook.on_train_end(run, 10, state, None)  # waits for the save
+  assert threads and threads[0] is not threading.main_thread()
+  assert ckpt_util.steps(str(tmp_path)) == [10]
+  ckpt_util.assert_bitwise_equal(ckpt_util.saved_params(str(tmp_path)),
+                                 expected)
 
 
 def test_default_cadence_saves_at_every_epoch_end(tiny_config, tmp_path):

@@ -12,6 +12,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import types
 
 import jax
@@ -176,6 +177,7 @@ def test_training_scalars_average_the_window_across_dispatches():
   for first in (0, 3, 6, 9):
     hook.on_metrics(run, first, stacked_train_metrics(
         losses[first:first + 3], lrs[first:first + 3]))
+  hook.wait()  # the writes happen on the hook's background thread
   steps = [s for s, _ in hook.train_writer.scalars]
   assert steps == [4, 8, 10]
   got = dict(hook.train_writer.scalars)
@@ -184,6 +186,36 @@ def test_training_scalars_average_the_window_across_dispatches():
   assert got[10]['loss'] == pytest.approx(9.5)
   assert got[8]['learning_rate'] == pytest.approx(0.08)  # the last step's
   assert got[4]['accuracy'] == pytest.approx(0.5)
+
+
+def test_epoch_summaries_are_written_beside_the_loop(tmp_path, tiny_config):
+  """on_epoch_end only dispatches the statistics: fetching and writing them
+  happen on the hook's thread, after the parameters may be donated."""
+  run = train.setup(tiny_config, str(tmp_path))
+  params = models.init_params(run.model, jax.random.key(0))
+  hook = summaries.SummaryHook(print_overview=False)
+  hook.on_train_start(run, types.SimpleNamespace(params=params))
+  release, threads = threading.Event(), set()
+
+  class BlockingWriter:
+    def __getattr__(self, name):
+      def write(*args):
+        threads.add(threading.current_thread())
+        assert release.wait(30)
+      return write
+
+  hook.train_writer = hook.eval_writer = BlockingWriter()
+  record = {'test_accuracy': 0.5, 'validation_accuracy': 0.5}
+  try:
+    hook.on_epoch_end(run, 1, 10, types.SimpleNamespace(params=params),
+                      record)  # returns while the writer blocks
+    for x in jax.tree.leaves(params):
+      x.delete()  # what donation to the next step does
+    release.set()
+    hook.wait()
+  finally:
+    release.set()
+  assert threads and threading.main_thread() not in threads
 
 
 def test_only_process_zero_writes_event_files(tmp_path, monkeypatch,

@@ -4,7 +4,10 @@ At start the hook picks, in order: the latest readable checkpoint of the own
 workdir (resume), else `config.init_from` (fine-tuning: parameters only,
 fresh optimizer state, step 0), else the fresh state. Saves are asynchronous
 (orbax renames a complete save into place, so a killed save is never
-picked up); `on_train_end` waits for them.
+picked up): the loop's thread checks the state is finite and copies it on
+its devices, and orbax's save of the copy runs on a `Background` thread (in
+line where several processes save together), at most one at a time;
+`on_stop` and `on_train_end` wait for them.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import jax
 from mnist_jax import checkpointing
 from mnist_jax import parallel
 from mnist_jax.errors import CheckpointError, NonFiniteLossError
+from mnist_jax.hooks import background
 from mnist_jax.hooks import base
 
 # Test-only fault injection for the subprocess fault tests, '<kind>:<step>'
@@ -40,6 +44,7 @@ class CheckpointHook(base.Hook):
     self.last_saved = ''
     self._saved_step = None
     self._workdir = ''
+    self._background = None
     kind, _, step = os.environ.get(_FAULT_ENV, '').partition(':')
     self._fault = (kind, int(step)) if kind else None
 
@@ -49,6 +54,9 @@ class CheckpointHook(base.Hook):
     directory = checkpointing.checkpoint_dir(run.workdir)
     self.manager = checkpointing.create_manager(
         directory, run.config.max_checkpoints_to_keep)
+    # Several processes save collectively (barriers): in line, in step.
+    self._background = (background.Background('checkpoint', max_pending=1)
+                        if jax.process_count() == 1 else None)
     abstract = checkpointing.abstract_like(checkpointing.state_tree(state))
 
     def restore_fn(step):
@@ -99,8 +107,7 @@ class CheckpointHook(base.Hook):
     update = None
     if self._saved_step != step:  # not already saved at this very step
       update = self._save(run, step, state, reason='preempted')
-    with self._disk_full_is_a_user_error(step):
-      self.manager.wait_until_finished()  # on disk before the process ends
+    self._wait()  # on disk before the process ends
     return update
 
   def on_epoch_end(self, run, epoch, step, state, record):
@@ -113,7 +120,9 @@ class CheckpointHook(base.Hook):
     return None
 
   def _save(self, run, step, state, metrics=None, reason='periodic'):
-    if not checkpointing.all_finite((state.params, state.opt_state)):
+    # A copy: the next dispatch donates the state's buffers while it saves.
+    tree, finite = checkpointing.finite_copy(checkpointing.state_tree(state))
+    if not finite:
       raise NonFiniteLossError(
           f'The training state is not finite at step {step} (the loss became '
           'NaN or infinite at or before it); it was not saved. Last good '
@@ -122,26 +131,43 @@ class CheckpointHook(base.Hook):
               'time': time.time(), 'reason': reason,
               'devices': f'{jax.device_count()} x '
                          f'{jax.devices()[0].device_kind}'}
+    if self._background is None:
+      self._write(step, tree, run.config, record)
+    else:  # raises an earlier save's error
+      self._background.submit(self._write, step, tree, run.config, record)
+    self.last_saved = os.path.join(str(self.manager.directory), str(step))
+    self._saved_step = step
+    return base.Update(checkpoint=self.last_saved)
+
+  def _write(self, step, tree, config, record):
     with self._disk_full_is_a_user_error(step):
       self._maybe_inject('disk_full', step)
-      self.last_saved = checkpointing.save(self.manager, step, state,
-                                           run.config, record)
-    self._saved_step = step
+      checkpointing.save(self.manager, step, tree, config, record)
     self._maybe_inject('kill_in_save', step)
     if self._fault and self._fault[0] == 'kill_after_save':
       self.manager.wait_until_finished()
       self._maybe_inject('kill_after_save', step)
-    return base.Update(checkpoint=self.last_saved)
+
+  def _wait(self):
+    """Returns when every save so far is on disk; raises their errors."""
+    if self._background is not None:
+      self._background.wait()
+    with self._disk_full_is_a_user_error(self._saved_step):
+      self.manager.wait_until_finished()
 
   # -------------------------------------------------------------------- end
   def on_train_end(self, run, step, state, result):
     if self.manager is not None:
       try:
-        with self._disk_full_is_a_user_error(self._saved_step):
-          self.manager.wait_until_finished()  # async saves land before exit
+        self._wait()  # async saves land before exit
       finally:
-        self.manager.close()
-        self.manager = None
+        try:
+          if self._background is not None:
+            self._background.close()
+        finally:
+          self._background = None
+          self.manager.close()
+          self.manager = None
 
   @contextlib.contextmanager
   def _disk_full_is_a_user_error(self, step):
@@ -168,6 +194,6 @@ class CheckpointHook(base.Hook):
       if kind == 'kill_in_step':
         # Deterministic: the earlier async save has landed; only the step
         # in flight is lost.
-        self.manager.wait_until_finished()
+        self._wait()
       os.kill(os.getpid(),
               signal.SIGTERM if kind == 'term' else signal.SIGKILL)

@@ -24,6 +24,7 @@ from mnist_jax import metrics as metrics_lib
 from mnist_jax import models
 from mnist_jax import parallel
 from mnist_jax import tf_setup
+from mnist_jax.hooks import background
 from mnist_jax.hooks import base
 from mnist_jax.hooks import event_writer
 
@@ -102,8 +103,10 @@ def make_layer_stats_fn(model: models.CNN,
 class SummaryHook(base.Hook):
   """Writes every TensorBoard summary of the run (see the module docstring).
 
-  Per step it only merges the host-side metrics the loop already fetched; the
-  writers are asynchronous and flushed at epoch ends and closed at the end.
+  The loop's thread only merges the host-side metrics it already fetched and
+  dispatches the per-epoch statistics; creating the writers, fetching the
+  statistics, writing and flushing happen in order on a `Background` thread.
+  `wait` returns once all of it is written; `on_train_end` closes the files.
   """
 
   order = 10  # before ReportHook, which reads the event files it closes
@@ -115,8 +118,9 @@ class SummaryHook(base.Hook):
     self._pending = None  # (workdir, just_logging, hparams) until first use
     self._window = None  # TrainMetrics merged since the last write.
     self._stats_fn = None
+    self._background = None
 
-  # The writers are made at their first use (after the first dispatch):
+  # The writers are made at their first use, on the background thread:
   # clu's metric_writers imports TensorFlow, which `train_and_evaluate`
   # imports in the background meanwhile (tf_setup.preload_in_background).
   @property
@@ -149,9 +153,22 @@ class SummaryHook(base.Hook):
     else:  # No TensorFlow (e.g. a JAX-only GPU image): the same event files.
       make = lambda logdir: event_writer.EventWriter(  # pylint: disable=g-long-lambda
           None if just_logging else logdir)
-    self._train_writer = make(os.path.join(workdir, 'train'))
-    self._eval_writer = make(os.path.join(workdir, 'eval'))
+    # A writer set by hand (e.g. by a test) stays.
+    if self._train_writer is None:
+      self._train_writer = make(os.path.join(workdir, 'train'))
+    if self._eval_writer is None:
+      self._eval_writer = make(os.path.join(workdir, 'eval'))
     self._train_writer.write_hparams(hparams)
+
+  def _submit(self, fn, *args) -> None:
+    if self._background is None:
+      self._background = background.Background('summaries')
+    self._background.submit(fn, *args)
+
+  def wait(self) -> None:
+    """Returns when everything submitted so far is written (not flushed)."""
+    if self._background is not None:
+      self._background.wait()
 
   # ------------------------------------------------------------------ start
   def on_train_start(self, run, state):
@@ -178,26 +195,30 @@ class SummaryHook(base.Hook):
         self._window = part if self._window is None else self._window.merge(
             part)
       if end is not None:
-        self.train_writer.write_scalars(
-            int(steps[end]), metrics_lib.to_scalars(self._window))
+        self._submit(self._write_scalars, 'train', int(steps[end]),
+                     metrics_lib.to_scalars(self._window))
         self._window = None
       start = stop
+
+  def _write_scalars(self, which: str, step: int, scalars) -> None:
+    writer = self.train_writer if which == 'train' else self.eval_writer
+    writer.write_scalars(step, scalars)
 
   # ------------------------------------------------------------- epoch end
   def on_epoch_end(self, run, epoch, step, state, record):
     evaluated = {k: v for k, v in record.items()
                  if k.startswith(('test_', 'validation_'))}
-    if evaluated:
-      scalars = {k[len('test_'):]: v for k, v in evaluated.items()
-                 if k.startswith('test_')}
-      scalars.update({k: v for k, v in evaluated.items()
-                      if k.startswith('validation_')})
-      self.eval_writer.write_scalars(step, scalars)
-    self._write_epoch_summaries(run, epoch, step, state.params)
-    self.train_writer.flush()
-    self.eval_writer.flush()
+    scalars = {k[len('test_'):]: v for k, v in evaluated.items()
+               if k.startswith('test_')}
+    scalars.update({k: v for k, v in evaluated.items()
+                    if k.startswith('validation_')})
+    # Dispatched here, before the next epoch's step takes the parameters'
+    # buffers (donation); fetched and written on the background thread.
+    stats, images = self._epoch_statistics(run, epoch, state.params)
+    self._submit(self._write_epoch, step, scalars, stats, images)
 
-  def _write_epoch_summaries(self, run, epoch, step, params):
+  def _epoch_statistics(self, run, epoch, params):
+    """(device-side layer statistics, sample images) of epoch `epoch`."""
     seed = run.config.seed
     host_rng = np.random.default_rng([seed, _SUMMARY_STREAM, epoch])
     train, test = run.data.train, run.data.test
@@ -206,8 +227,15 @@ class SummaryHook(base.Hook):
     test_idx = np.sort(host_rng.choice(len(test), batch, replace=False))
     rng = jax.random.fold_in(
         jax.random.fold_in(jax.random.key(seed), _SUMMARY_STREAM), epoch)
-    stats = jax.device_get(self._stats_fn(
-        params, train.images[train_idx], test.images[test_idx], rng))
+    stats = self._stats_fn(params, train.images[train_idx],
+                           test.images[test_idx], rng)
+    shown = host_rng.choice(len(train), NUM_SUMMARY_IMAGES, replace=False)
+    return stats, train.images[shown]
+
+  def _write_epoch(self, step, eval_scalars, stats, images) -> None:
+    if eval_scalars:
+      self.eval_writer.write_scalars(step, eval_scalars)
+    stats = jax.device_get(stats)
     self.train_writer.write_scalars(
         step, {f'sparsity/{k}': float(v)
                for k, v in stats['train_sparsity'].items()})
@@ -216,16 +244,22 @@ class SummaryHook(base.Hook):
                for k, v in stats['test_sparsity'].items()})
     self.train_writer.write_histograms(
         step, {f'activations/{k}': v for k, v in stats['histograms'].items()})
-    shown = host_rng.choice(len(train), NUM_SUMMARY_IMAGES, replace=False)
-    self.train_writer.write_images(step, {'images': train.images[shown]})
+    self.train_writer.write_images(step, {'images': images})
+    self.train_writer.flush()
+    self.eval_writer.flush()
 
   # -------------------------------------------------------------------- end
   def on_train_end(self, run, step, state, result):
-    if self._pending is not None and result is None:
-      self._pending = None  # failed before anything was written: no files
-    for writer in (self.train_writer, self.eval_writer):
-      if writer is not None:
-        writer.flush()
-        writer.close()
-    self.train_writer = self.eval_writer = None
+    try:
+      if self._background is not None:
+        self._background.close()
+    finally:
+      self._background = None
+      if self._pending is not None and result is None:
+        self._pending = None  # failed before anything was written: no files
+      for writer in (self.train_writer, self.eval_writer):
+        if writer is not None:
+          writer.flush()
+          writer.close()
+      self.train_writer = self.eval_writer = None
     logging.info('Summaries written to %s/{train,eval}', run.workdir)

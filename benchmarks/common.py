@@ -74,18 +74,18 @@ def machine_info() -> dict:
       'device_kind': devices[0].device_kind, 'device_count': len(devices),
       'backend': jax.default_backend(),
       'xla_flags': os.environ.get('XLA_FLAGS', ''), 'versions': versions,
-      'onednn_kernels': _onednn_info(),
+      'onednn_kernels': _onednn_info(jax.default_backend()),
   }
 
 
-def _onednn_info() -> str:
+def _onednn_info(backend: str) -> str:
   """Whether the project's oneDNN kernels load, and which ones run."""
   if 'mnist_jax' not in sys.modules:
     # lowering.py's driver must not import the package: it would add the
     # project's XLA flags to the flag sets its subprocesses measure.
     return 'not checked (mnist_jax not imported)'
-  if jax.default_backend() != 'cpu':  # the kernels are for CPUs only
-    return f'not used (backend {jax.default_backend()})'
+  if backend != 'cpu':  # the kernels are for CPUs only
+    return f'not used (backend {backend})'
   from mnist_jax import onednn  # pylint: disable=g-import-not-at-top
   if not onednn.available(np.zeros(1, np.float32)):
     return 'unavailable: ' + onednn._state['reason']  # pylint: disable=protected-access

@@ -40,6 +40,10 @@ NUM_STATS_IMAGES = 128
 NUM_SUMMARY_IMAGES = 3
 # A stream of randomness of its own (the loop uses 0, 1, 2 of key(seed)).
 _SUMMARY_STREAM = 100
+# Writes queued for the background thread before `on_metrics` waits: a few
+# epochs' worth, so the loop never waits while it writes one epoch's
+# histograms.
+_MAX_PENDING_WRITES = 64
 
 
 def flatten_config(config) -> dict[str, Any]:
@@ -118,6 +122,7 @@ class SummaryHook(base.Hook):
     self._pending = None  # (workdir, just_logging, hparams) until first use
     self._window = None  # TrainMetrics merged since the last write.
     self._stats_fn = None
+    self._stats_key = None
     self._background = None
 
   # The writers are made at their first use, on the background thread:
@@ -162,7 +167,8 @@ class SummaryHook(base.Hook):
 
   def _submit(self, fn, *args) -> None:
     if self._background is None:
-      self._background = background.Background('summaries')
+      self._background = background.Background(
+          'summaries', max_pending=_MAX_PENDING_WRITES)
     self._background.submit(fn, *args)
 
   def wait(self) -> None:
@@ -179,6 +185,8 @@ class SummaryHook(base.Hook):
       print(parameter_overview.get_parameter_overview(state.params),
             flush=True)
     self._stats_fn = make_layer_stats_fn(run.model)
+    self._stats_key = jax.random.fold_in(jax.random.key(run.config.seed),
+                                         _SUMMARY_STREAM)
     self._window = None
 
   # ------------------------------------------------------------------ steps
@@ -225,8 +233,7 @@ class SummaryHook(base.Hook):
     batch = min(NUM_STATS_IMAGES, len(train), len(test))
     train_idx = np.sort(host_rng.choice(len(train), batch, replace=False))
     test_idx = np.sort(host_rng.choice(len(test), batch, replace=False))
-    rng = jax.random.fold_in(
-        jax.random.fold_in(jax.random.key(seed), _SUMMARY_STREAM), epoch)
+    rng = jax.random.fold_in(self._stats_key, epoch)
     stats = self._stats_fn(params, train.images[train_idx],
                            test.images[test_idx], rng)
     shown = host_rng.choice(len(train), NUM_SUMMARY_IMAGES, replace=False)

@@ -45,13 +45,6 @@ _INIT, _DROPOUT, _DATA = 0, 1, 2
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 # Exit status of an abort by a second signal: 128 + SIGINT, as a shell's.
 EXIT_ABORTED = 130
-# Dispatches whose metrics the loop leaves unfetched while it waits for the
-# one before them, i.e. how many the device has queued. On accelerators a
-# dispatch takes ~10 ms, and the hooks' background threads (summaries,
-# checkpoints) share the GIL with the loop: two keep the device busy. On
-# CPUs a dispatch takes seconds, and the progress display lags by these.
-UNFETCHED = {'cpu': 1}
-UNFETCHED_ELSEWHERE = 2
 # How the line printed when the loop stops early names each reason.
 _STOP_WORDS = {'SIGTERM': 'Pre-empted (SIGTERM)', 'pre-empted': 'Pre-empted',
                'SIGINT': 'Interrupted', 'requested': 'Stopped early'}
@@ -278,7 +271,6 @@ class _Loop:
         out_shardings=jax.NamedSharding(run.mesh, jax.P()))
     self.first_step_of_run = int(state.step)
     step = int(state.step)
-    unfetched = UNFETCHED.get(jax.default_backend(), UNFETCHED_ELSEWHERE)
     while step < run.total_steps:
       epoch = step // run.steps_per_epoch
       epoch_end = min((epoch + 1) * run.steps_per_epoch, run.total_steps)
@@ -302,7 +294,7 @@ class _Loop:
           self.stop = signalled[0]
         if self.stop:
           return self._stop(state, step), self.stop
-        merged = self._drain(pending, merged, keep=unfetched)  # overlaps
+        merged = self._drain(pending, merged, keep=1)  # overlaps the device
       merged = self._drain(pending, merged, keep=0)
       train_time = time.perf_counter() - t0
       record = {'epoch': epoch + 1, 'step': step,

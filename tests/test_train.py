@@ -202,48 +202,6 @@ def test_every_dispatch_length_compiles_before_the_epochs_clock(
   assert first['compile_seconds'] > 0 and 'compile_seconds' not in second
 
 
-def test_two_unfetched_dispatches_hand_the_same_metrics_in_order(
-    tiny_config, tmp_path, monkeypatch):
-  """Accelerators leave two dispatches unfetched (`train.UNFETCHED`): the
-  hooks still get every dispatch's metrics, in order, each once, and the
-  run is the same as with one."""
-  tiny_config.steps_per_dispatch = 4
-  tiny_config.checkpoint_every_steps = 0
-  tiny_config.write_report = False
-
-  class Record(base.Hook):
-    def __init__(self):
-      self.events = []
-
-    def on_steps(self, run, step, state):
-      self.events.append(('steps', step))
-
-    def on_metrics(self, run, first_step, metrics):
-      self.events.append(('metrics', first_step,
-                          metrics.loss.total.tolist()))
-
-  results, events = [], []
-  for unfetched in (1, 2):
-    monkeypatch.setattr(train, 'UNFETCHED', {'cpu': unfetched})
-    hook = Record()
-    results.append(train.train_and_evaluate(
-        tiny_config, str(tmp_path / str(unfetched)), hooks=[hook]))
-    events.append(hook.events)
-  one, two = events
-  metrics = lambda ev: [e for e in ev if e[0] == 'metrics']  # pylint: disable=g-long-lambda
-  assert metrics(one) == metrics(two)
-  assert [e[1] for e in metrics(two)] == [0, 4, 8, 12, 16, 18, 22, 26, 30, 34]
-  # With two unfetched, a dispatch's metrics come two dispatches later
-  # (one with one), except at epoch ends, where all are fetched.
-  lag = lambda ev: [ev[i - 1][1] for i, e in enumerate(ev)  # pylint: disable=g-long-lambda
-                    if e[0] == 'metrics' and e[1] == 4]
-  assert lag(one) == [12] and lag(two) == [16]
-  timing = ('train_seconds', 'images_per_second', 'compile_seconds')
-  untimed = lambda result: [{k: v for k, v in r.items() if k not in timing}  # pylint: disable=g-long-lambda
-                            for r in result['epochs']]
-  assert untimed(results[0]) == untimed(results[1])
-
-
 def test_epoch_line_shows_every_metric_of_the_record():
   record = {'epoch': 1, 'step': 30, 'train_loss': 1.08843,
             'train_accuracy': 0.65994, 'train_learning_rate': 0.001,

@@ -163,3 +163,18 @@ def test_full_disk_while_saving_is_one_line_and_keeps_earlier_checkpoints(
           {'step': jax.numpy.zeros((), 'int32')}), partial=True
   ).state['step']) == 10
   manager.close()
+
+
+def test_full_disk_at_the_last_save_fails_the_run_before_its_metrics(
+    idx_dir, tmp_path):
+  # The last save runs on the checkpoint hook's thread too; the run waits
+  # for it before it writes metrics.json (a sweep counts that as finished).
+  workdir = str(tmp_path / 'run')
+  proc = ckpt_util.launch(workdir, tiny_config_for(idx_dir),
+                          fault='disk_full:36')
+  errors = [l for l in proc.stderr.splitlines() if l.startswith('Error:')]
+  assert len(errors) == 1 and 'checkpoint of step 36' in errors[0], (
+      proc.stderr)
+  assert '(steps: [10, 20, 30])' in errors[0]
+  assert proc.returncode == 2
+  assert not os.path.exists(os.path.join(workdir, 'metrics.json'))

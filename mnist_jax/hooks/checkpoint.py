@@ -113,10 +113,12 @@ class CheckpointHook(base.Hook):
   def on_epoch_end(self, run, epoch, step, state, record):
     self.history.append(record)
     every = run.config.checkpoint_every_steps
-    if every == 0 or step % every == 0 or step == run.total_steps:
-      return self._save(run, step, state, metrics=record,
-                        reason='final' if step == run.total_steps
-                        else 'periodic')
+    if step == run.total_steps:
+      update = self._save(run, step, state, metrics=record, reason='final')
+      self._wait()  # its errors come before the run reports success
+      return update
+    if every == 0 or step % every == 0:
+      return self._save(run, step, state, metrics=record)
     return None
 
   def _save(self, run, step, state, metrics=None, reason='periodic'):

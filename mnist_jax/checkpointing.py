@@ -82,17 +82,6 @@ def config_json(config) -> dict[str, Any]:
 # ------------------------------------------------------------------ saving
 
 @jax.jit
-def _finite(leaves) -> jax.Array:
-  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
-
-
-def all_finite(tree) -> bool:
-  """Whether every float in `tree` is finite (one device pass, one sync)."""
-  return bool(_finite([x for x in jax.tree.leaves(tree)
-                       if jnp.issubdtype(x.dtype, jnp.inexact)]))
-
-
-@jax.jit
 def _copy_and_check(tree):
   leaves = jax.tree.leaves(tree)
   finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves

@@ -2,7 +2,8 @@
 # The GPU campaign behind docs/performance.md's GPU section, in one go:
 # cold compilation (jit call vs ahead of time), the default 20-epoch run in
 # float32 and bfloat16 from an empty compilation cache, then 2 rounds of the
-# PyTorch reference and the project's throughput, alternating.
+# PyTorch reference and the project's throughput, alternating, then the whole
+# loop against its training phase (epoch_overhead.py) in each dtype.
 #   bash benchmarks/gpu_campaign.sh <MNIST IDX folder> <results folder>
 # Needs torch (CUDA) beside the project; works without TensorFlow.
 set -u
@@ -21,4 +22,7 @@ for r in 1 2; do
   run proj_f32_$r 120 python3 benchmarks/throughput.py --data_dir "$D" --out "$R/sbs_proj_f32_$r.json"
   run torch_bf16_$r 120 python3 benchmarks/torch_gpu.py --data_dir "$D" --epochs 6 --dtype bfloat16 --out "$R/sbs_torch_bf16_$r.json"
   run proj_bf16_$r 120 python3 benchmarks/throughput.py --data_dir "$D" --set dtype=bfloat16 --out "$R/sbs_proj_bf16_$r.json"
+done
+for dt in float32 bfloat16; do  # the whole loop against its training phase
+  run overhead_$dt 120 python3 benchmarks/epoch_overhead.py --epochs 10 --set data.source=idx --set data.dir="$D" --set dtype=$dt --out "$R/epoch_overhead_$dt.json"
 done

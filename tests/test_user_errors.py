@@ -140,41 +140,31 @@ def test_a_bug_in_a_config_file_keeps_its_traceback(tmp_path):
   assert "NameError: name 'undefined_name' is not defined" in proc.stderr
 
 
+@pytest.mark.parametrize('step,kept', [(20, [10]), (36, [10, 20, 30])])
 def test_full_disk_while_saving_is_one_line_and_keeps_earlier_checkpoints(
-    idx_dir, tmp_path):
-  # The save of step 20 fails with ENOSPC (test-only fault injection, as a
+    idx_dir, tmp_path, step, kept):
+  # The save of `step` fails with ENOSPC (test-only fault injection, as a
   # full disk makes orbax's writer fail; checked by hand on a 60 MB tmpfs).
+  # 36 is the last save: the run waits for it before it writes metrics.json
+  # (which a sweep counts as finished).
   workdir = str(tmp_path / 'run')
   proc = ckpt_util.launch(workdir, tiny_config_for(idx_dir),
-                          fault='disk_full:20')
+                          fault=f'disk_full:{step}')
   errors = [l for l in proc.stderr.splitlines() if l.startswith('Error:')]
   assert errors == [
       'Error: no space left on the device while saving the checkpoint of '
-      f'step 20 in {checkpointing.checkpoint_dir(workdir)}. The earlier '
-      'checkpoints are kept and readable (steps: [10]); free some space and '
-      'run the same command again to resume from the latest.'], proc.stderr
+      f'step {step} in {checkpointing.checkpoint_dir(workdir)}. The earlier '
+      f'checkpoints are kept and readable (steps: {kept}); free some space '
+      'and run the same command again to resume from the latest.'], (
+          proc.stderr)
   assert proc.returncode == 2
   assert 'Traceback' not in proc.stderr + proc.stdout
+  assert not os.path.exists(os.path.join(workdir, 'metrics.json'))
   manager = checkpointing.create_manager(
       checkpointing.checkpoint_dir(workdir), read_only=True)
-  assert manager.all_steps() == [10]
+  assert manager.all_steps() == kept
   assert int(checkpointing.restore_items(
-      manager, 10, checkpointing.abstract_like(
+      manager, kept[-1], checkpointing.abstract_like(
           {'step': jax.numpy.zeros((), 'int32')}), partial=True
-  ).state['step']) == 10
+  ).state['step']) == kept[-1]
   manager.close()
-
-
-def test_full_disk_at_the_last_save_fails_the_run_before_its_metrics(
-    idx_dir, tmp_path):
-  # The last save runs on the checkpoint hook's thread too; the run waits
-  # for it before it writes metrics.json (a sweep counts that as finished).
-  workdir = str(tmp_path / 'run')
-  proc = ckpt_util.launch(workdir, tiny_config_for(idx_dir),
-                          fault='disk_full:36')
-  errors = [l for l in proc.stderr.splitlines() if l.startswith('Error:')]
-  assert len(errors) == 1 and 'checkpoint of step 36' in errors[0], (
-      proc.stderr)
-  assert '(steps: [10, 20, 30])' in errors[0]
-  assert proc.returncode == 2
-  assert not os.path.exists(os.path.join(workdir, 'metrics.json'))

@@ -59,6 +59,11 @@ class Hook:
   returns; `on_epoch_end` after each epoch's evaluation; and `on_train_end`
   for every hook whose start was called, also when anything failed (then
   `result` is None). Methods may return an `Update` or None.
+
+  Host work the loop need not wait for (writing files) can go to a
+  `hooks.background.Background` worker, as the checkpoint and summary hooks
+  do; anything computed from the state must be dispatched (or copied) before
+  the method returns, because the next dispatch donates the state's buffers.
   """
   order: int = 50
 

@@ -97,15 +97,20 @@ def finite_copy(tree):
   return copy, bool(finite)
 
 
+def step_dir(manager, step: int) -> str:
+  """The folder of `manager`'s checkpoint of `step`."""
+  return os.path.join(str(manager.directory), str(step))
+
+
 def save(manager, step: int, tree: dict[str, Any], config,
          run: dict[str, Any]) -> str:
-  """Saves `tree` (a `state_tree`) at `step` asynchronously; returns the
-  checkpoint's path."""
+  """Saves `tree` (a `state_tree`) at `step` asynchronously; returns
+  `step_dir(manager, step)`."""
   manager.save(step, force=True, args=ocp.args.Composite(
       state=ocp.args.PyTreeSave(tree),
       config=ocp.args.JsonSave(config_json(config)),
       run=ocp.args.JsonSave(run)))
-  return os.path.join(str(manager.directory), str(step))
+  return step_dir(manager, step)
 
 
 def is_disk_full(error: BaseException) -> bool:
@@ -167,7 +172,7 @@ def restore_latest_good(manager, restore_fn: Callable[[int], Any],
     except (UserError, KeyboardInterrupt):
       raise
     except Exception as e:  # pylint: disable=broad-except
-      path = os.path.join(str(manager.directory), str(step))
+      path = step_dir(manager, step)
       reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
       warn(f'checkpoint {path} is unreadable ({type(e).__name__}: {reason});'
            ' falling back to the previous one. It is kept, not deleted.')

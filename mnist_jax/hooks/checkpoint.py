@@ -137,7 +137,7 @@ class CheckpointHook(base.Hook):
       self._write(step, tree, run.config, record)
     else:  # raises an earlier save's error
       self._background.submit(self._write, step, tree, run.config, record)
-    self.last_saved = os.path.join(str(self.manager.directory), str(step))
+    self.last_saved = checkpointing.step_dir(self.manager, step)
     self._saved_step = step
     return base.Update(checkpoint=self.last_saved)
 

@@ -203,14 +203,13 @@ class SummaryHook(base.Hook):
         self._window = part if self._window is None else self._window.merge(
             part)
       if end is not None:
-        self._submit(self._write_scalars, 'train', int(steps[end]),
+        self._submit(self._write_train_scalars, int(steps[end]),
                      metrics_lib.to_scalars(self._window))
         self._window = None
       start = stop
 
-  def _write_scalars(self, which: str, step: int, scalars) -> None:
-    writer = self.train_writer if which == 'train' else self.eval_writer
-    writer.write_scalars(step, scalars)
+  def _write_train_scalars(self, step: int, scalars) -> None:
+    self.train_writer.write_scalars(step, scalars)
 
   # ------------------------------------------------------------- epoch end
   def on_epoch_end(self, run, epoch, step, state, record):

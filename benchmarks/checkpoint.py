@@ -62,7 +62,7 @@ def main():
     for i in range(args.repeats + 1):  # the first round warms up (compiles)
       t0 = time.perf_counter()
       copy, finite = checkpointing.finite_copy(tree)
-      assert finite
+      assert bool(finite)
       t1 = time.perf_counter()
       checkpointing.save(manager, i, copy, config, {'reason': 'benchmark'})
       t5 = time.perf_counter()

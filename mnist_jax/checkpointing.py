@@ -36,7 +36,8 @@ CORRUPT_DIR = 'checkpoints_corrupt'  # unreadable checkpoints are moved here
 # hyperparameter is protected without editing this list.
 MAY_CHANGE_ON_RESUME = (
     'num_epochs', 'num_train_steps', 'eval_batch_size', 'eval_every_epochs',
-    'log_every_steps', 'steps_per_dispatch', 'profile_steps', 'write_report',
+    'log_every_steps', 'steps_per_dispatch', 'overlap_epoch_end',
+    'profile_steps', 'write_report',
     'compilation_cache_dir', 'checkpoint_every_steps',
     'max_checkpoints_to_keep', 'init_from', 'eval_step', 'lowering',
     'distributed', 'data.dir', 'data.download', 'data.cache_dir')
@@ -82,19 +83,15 @@ def config_json(config) -> dict[str, Any]:
 # ------------------------------------------------------------------ saving
 
 @jax.jit
-def _copy_and_check(tree):
+def finite_copy(tree):
+  """(a copy of `tree` on the same devices, whether all its floats are
+  finite, as a device-side bool): one dispatch; `bool()` of the flag waits
+  for it. The copy stays valid when the next step donates the original's
+  buffers, so it can be saved meanwhile."""
   leaves = jax.tree.leaves(tree)
   finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves
                               if jnp.issubdtype(x.dtype, jnp.inexact)]))
   return jax.tree.map(lambda x: jnp.array(x, copy=True), tree), finite
-
-
-def finite_copy(tree):
-  """(a copy of `tree` on the same devices, whether all its floats are
-  finite): one dispatch and one sync. The copy stays valid when the next
-  step donates the original's buffers, so it can be saved meanwhile."""
-  copy, finite = _copy_and_check(tree)
-  return copy, bool(finite)
 
 
 def step_dir(manager, step: int) -> str:

@@ -9,6 +9,8 @@ LOWERINGS = ('auto', 'fast', 'reference')
 DTYPES = ('float32', 'bfloat16')
 PARALLELISMS = ('jit', 'pmap')
 DISTRIBUTED_INIT = ('auto', 'yes', 'no')
+# config.overlap_epoch_end: 'auto' = on GPU/TPU (see train.overlaps_epoch_end).
+OVERLAP_EPOCH_END = ('auto', 'yes', 'no')
 # config.data.download: 'auto' (download when missing), True (the same), False.
 # From the command line they come as strings ('--config.data.download=false').
 DOWNLOAD_SETTINGS = {'auto': 'auto', 'true': True, 'false': False}
@@ -58,6 +60,8 @@ def validate(config) -> None:
         f'use one of {PARALLELISMS}.')
   check(config.distributed.initialize in DISTRIBUTED_INIT,
         'distributed.initialize', f'use one of {DISTRIBUTED_INIT}.')
+  check(config.overlap_epoch_end in OVERLAP_EPOCH_END, 'overlap_epoch_end',
+        f'use one of {OVERLAP_EPOCH_END}.')
   check(config.data.num_validation > 0, 'data.num_validation', 'must be > 0.')
   try:
     download_setting(config.data.download)

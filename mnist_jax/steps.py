@@ -151,23 +151,26 @@ def _steps_body(config, num_train: int, *, batch_sharding=None,
   return run
 
 
-def make_train_fn(config, num_train: int, mesh):
+def make_train_fn(config, num_train: int, mesh, donate: bool = True):
   """The jitted `train_fn(state, data, perm, rng, num_steps)`.
 
   `config.parallelism='jit'` (default): one program over `mesh`, the global
-  batch sharded along 'data', state and metrics replicated, state donated.
+  batch sharded along 'data', state and metrics replicated, state donated
+  unless `donate=False` (the caller keeps using the state it passed: the
+  loop's dispatch-ahead, `train.overlaps_epoch_end`).
   'pmap': the classic `jax.pmap` around the same step (see `_pmap_train_fn`).
   """
   if config.parallelism == 'pmap':
-    return _pmap_train_fn(config, num_train, mesh)
+    return _pmap_train_fn(config, num_train, mesh, donate)
   run = _steps_body(config, num_train,
                     batch_sharding=jax.NamedSharding(mesh, P('data')))
   replicated = jax.NamedSharding(mesh, P())
-  return jax.jit(run, static_argnames='num_steps', donate_argnums=0,
+  return jax.jit(run, static_argnames='num_steps',
+                 donate_argnums=0 if donate else (),
                  out_shardings=(replicated, replicated))
 
 
-def _pmap_train_fn(config, num_train: int, mesh):
+def _pmap_train_fn(config, num_train: int, mesh, donate: bool = True):
   """The pmap option: each device gathers its `batch / devices` rows, the
   step `pmean`s the gradients. The state enters replicated along a leading
   device axis (broadcast on the devices) and leaves as one copy, so callers
@@ -179,7 +182,7 @@ def _pmap_train_fn(config, num_train: int, mesh):
   pmapped = jax.pmap(
       run, axis_name=PMAP_AXIS, in_axes=(0, None, None, None),
       out_axes=(None, None), static_broadcasted_argnums=4, devices=devices,
-      donate_argnums=0)
+      donate_argnums=0 if donate else ())
   replicate = jax.jit(
       lambda tree: jax.tree.map(
           lambda x: jnp.broadcast_to(x, (n,) + x.shape), tree),

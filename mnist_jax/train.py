@@ -62,6 +62,22 @@ def default_hooks(config) -> list[base.Hook]:
   return hooks
 
 
+def overlaps_epoch_end(config) -> bool:
+  """Whether the loop dispatches each epoch's first steps before the previous
+  epoch's end work (`config.overlap_epoch_end`; 'auto': on GPU/TPU).
+
+  An accelerator runs dispatches in order, so the next epoch's first steps
+  then run while the host fetches the evaluation, prints and hands the
+  checkpoint over, instead of after it. The state is then not donated (the
+  epoch-end state stays valid for the hooks and for a stop at the epoch
+  end; one more copy of it in device memory). Off on the CPU, where
+  executions run side by side on the same cores and nothing is gained.
+  """
+  if config.overlap_epoch_end == 'auto':
+    return jax.default_backend() != 'cpu'
+  return config.overlap_epoch_end == 'yes'
+
+
 def enable_compilation_cache(cache_dir: str) -> str | None:
   """Turns on JAX's persistent compilation cache (faster warm starts).
 
@@ -264,59 +280,104 @@ class _Loop:
     train_data = parallel.put_replicated(
         {'image': run.data.train.images, 'label': run.data.train.labels},
         run.mesh)
-    train_fn = steps.make_train_fn(config, num_train, run.mesh)
+    overlap = overlaps_epoch_end(config)
+    # Dispatching ahead keeps the epoch-end state: no donation then.
+    train_fn = steps.make_train_fn(config, num_train, run.mesh,
+                                   donate=not overlap)
     permutation = jax.jit(
         functools.partial(input_pipeline.epoch_permutation,
                           num_examples=num_train),
         out_shardings=jax.NamedSharding(run.mesh, jax.P()))
+
+    def dispatch(state, step, epoch_end, perm):
+      n = _chunk_length(config, step, epoch_end)
+      state, stacked = train_fn(state, train_data, perm, run.rngs['dropout'],
+                                num_steps=n)
+      return state, step + n, stacked
+
     self.first_step_of_run = int(state.step)
     step = int(state.step)
+    ahead = None  # (state, step, stacked, perm, t0): the next epoch's first
     while step < run.total_steps:
       epoch = step // run.steps_per_epoch
       epoch_end = min((epoch + 1) * run.steps_per_epoch, run.total_steps)
-      perm = permutation(run.rngs['data'], epoch)
-      if step == self.first_step_of_run:  # all dispatch lengths, before t0
-        compile_seconds = _precompile(
-            train_fn, (state, train_data, perm, run.rngs['dropout']),
-            dispatch_lengths(config, step, run.total_steps,
-                             run.steps_per_epoch))
-      t0 = time.perf_counter()
+      if ahead is None:
+        perm = permutation(run.rngs['data'], epoch)
+        if step == self.first_step_of_run:  # all dispatch lengths, before t0
+          compile_seconds = _precompile(
+              train_fn, (state, train_data, perm, run.rngs['dropout']),
+              dispatch_lengths(config, step, run.total_steps,
+                               run.steps_per_epoch))
+        t0 = time.perf_counter()
       first_step, pending = step, []
       merged = None
       while step < epoch_end:
-        n = _chunk_length(config, step, epoch_end)
-        state, stacked = train_fn(state, train_data, perm,
-                                  run.rngs['dropout'], num_steps=n)
-        pending.append((step, stacked))
-        step += n
+        start = step
+        if ahead is not None:  # dispatched during the last epoch's end
+          state, step, stacked, perm, t0 = ahead
+          ahead = None
+        else:
+          state, step, stacked = dispatch(state, step, epoch_end, perm)
+        pending.append((start, stacked))
         state = self._call('on_steps', state, step, state)
         if signalled and not self.stop:
           self.stop = signalled[0]
         if self.stop:
           return self._stop(state, step), self.stop
         merged = self._drain(pending, merged, keep=1)  # overlaps the device
-      merged = self._drain(pending, merged, keep=0)
-      train_time = time.perf_counter() - t0
+      evaluate_now = ((epoch + 1) % config.eval_every_epochs == 0
+                      or step == run.total_steps)
+      if overlap:
+        # The device runs, in this order, what the hooks compute from the
+        # epoch-end state, the evaluation, and the next epoch's first
+        # steps: it keeps busy while this thread waits, prints and saves.
+        self._epoch_dispatched(epoch + 1, step, state)
+        evals = self._dispatch_evaluation(state) if evaluate_now else {}
+        if step < run.total_steps:
+          next_end = min(epoch_end + run.steps_per_epoch, run.total_steps)
+          next_perm = permutation(run.rngs['data'], epoch + 1)
+          ahead = (*dispatch(state, step, next_end, next_perm), next_perm)
+        merged = self._drain(pending, merged, keep=0)
+        train_time = time.perf_counter() - t0
+      else:
+        merged = self._drain(pending, merged, keep=0)
+        train_time = time.perf_counter() - t0
+        self._epoch_dispatched(epoch + 1, step, state)
+        evals = self._dispatch_evaluation(state) if evaluate_now else {}
       record = {'epoch': epoch + 1, 'step': step,
                 **metrics_lib.to_scalars(merged, 'train_'),
                 'train_seconds': train_time,
                 'images_per_second': (step - first_step) * config.batch_size
                                      / train_time}
+      for name, metrics in jax.device_get(evals).items():
+        record.update({f'{name}_{k}': v for k, v in
+                       metrics_lib.to_scalars(metrics).items()})
+      if ahead is not None:  # the device now trains the next epoch
+        ahead = (*ahead, time.perf_counter())
       if first_step == self.first_step_of_run and compile_seconds is not None:
         record['compile_seconds'] = compile_seconds  # this session's first
-      if (epoch + 1) % config.eval_every_epochs == 0 or step == run.total_steps:
-        for name, split in run.eval_splits.items():
-          record.update({f'{name}_{k}': v for k, v in steps.evaluate(
-              run.eval_fn, state.params, split).items()})
       self.history.append(record)
       parallel.say(epoch_line(record))
       stop = (self.on_epoch is not None and parallel.is_lead()
               and self.on_epoch(dict(record)) and step < run.total_steps)
-      state = self._call('on_epoch_end', state, epoch + 1, step, state, record)
+      ended = self._call('on_epoch_end', state, epoch + 1, step, state,
+                         record)
+      if ended is not state:  # a hook replaced the state: not what ran ahead
+        ahead = None
+      state = ended
       if stop:
         self.stop = 'requested'
         return self._stop(state, step), self.stop
     return state, None
+
+  def _epoch_dispatched(self, epoch: int, step: int, state) -> None:
+    for hook in self.hooks:
+      hook.on_epoch_dispatched(self.run, epoch, step, state)
+
+  def _dispatch_evaluation(self, state) -> dict[str, Any]:
+    """The splits' device-side metrics, every split dispatched at once."""
+    return {name: self.run.eval_fn(state.params, split)
+            for name, split in self.run.eval_splits.items()}
 
   def _stop(self, state, step):
     state = self._call('on_stop', state, step, state, self.stop)

@@ -330,9 +330,14 @@ def test_resume_regrouping_steps_into_dispatches_is_bitwise(tiny_config,
                                  ckpt_util.saved_params(whole))
 
 
+@pytest.mark.parametrize('overlap', ['no', 'yes'])
 def test_on_epoch_returning_true_stops_with_a_checkpoint_and_resumes(
-    reference, tmp_path, capsys):
+    reference, tmp_path, capsys, overlap):
+  """With epoch ends overlapped, the steps dispatched ahead are dropped: the
+  run stops at the epoch end, saves that state and resumes from it."""
   config, _, ref_result, ref_params = reference
+  config = config.copy_and_resolve_references()
+  config.overlap_epoch_end = overlap
   workdir = str(tmp_path)
   seen = []
   result = ckpt_util.run(config, workdir,
@@ -350,6 +355,85 @@ def test_on_epoch_returning_true_stops_with_a_checkpoint_and_resumes(
   assert [r['step'] for r in result['epochs']] == [18, 36]
   assert result['final'] == ref_result['final']
   ckpt_util.assert_bitwise_equal(ckpt_util.saved_params(workdir), ref_params)
+
+
+TIMES = ('train_seconds', 'images_per_second', 'compile_seconds')
+
+
+def _without_times(records):
+  return [{k: v for k, v in r.items() if k not in TIMES} for r in records]
+
+
+class _Dispatches:
+  """Wraps `steps.make_train_fn`'s function to log each dispatch's first
+  step into `events` and keep the states it was given."""
+
+  def __init__(self, fn, events):
+    self.fn, self.events, self.given = fn, events, []
+    self.lower = fn.lower
+
+  def __call__(self, state, *args, **kwargs):
+    self.events.append(('dispatch', int(state.step)))
+    self.given.append(state)
+    return self.fn(state, *args, **kwargs)
+
+
+class _EpochEvents(base.Hook):
+  def __init__(self, events):
+    self.events = events
+
+  def on_epoch_dispatched(self, run, epoch, step, state):
+    self.events.append(('dispatched', step))
+
+  def on_epoch_end(self, run, epoch, step, state, record):
+    self.events.append(('end', step))
+    assert not any(x.is_deleted() for x in jax.tree.leaves(state))
+
+
+@pytest.mark.parametrize('overlap', ['no', 'yes'])
+def test_overlapped_epoch_ends_dispatch_ahead_and_train_the_same(
+    reference, tmp_path, monkeypatch, overlap):
+  """overlap_epoch_end='yes' (the GPU/TPU default) dispatches the next
+  epoch's first steps between `on_epoch_dispatched` and `on_epoch_end`,
+  without donating the state, and trains, evaluates and saves bitwise what
+  the plain loop does."""
+  config, _, ref_result, ref_params = reference
+  config = config.copy_and_resolve_references()
+  config.overlap_epoch_end = overlap
+  events = []
+  wrapped = []
+
+  def make_train_fn(*args, **kwargs):
+    wrapped.append(_Dispatches(make(*args, **kwargs), events))
+    return wrapped[-1]
+
+  make = steps.make_train_fn
+  monkeypatch.setattr(steps, 'make_train_fn', make_train_fn)
+  workdir = str(tmp_path)
+  result = ckpt_util.run(config, workdir, extra_hooks=[_EpochEvents(events)])
+  ahead = [('dispatched', 18), ('dispatch', 18), ('end', 18)]
+  plain = [('dispatched', 18), ('end', 18), ('dispatch', 18)]
+  at_18 = events[events.index(('dispatched', 18)):][:3]
+  assert at_18 == (ahead if overlap == 'yes' else plain)
+  assert events[-2:] == [('dispatched', 36), ('end', 36)]  # none past the end
+  donated = [s.step.is_deleted() for s in wrapped[0].given]
+  assert not any(donated) if overlap == 'yes' else all(donated)
+  assert _without_times(result['epochs']) == _without_times(
+      ref_result['epochs'])
+  assert result['final'] == ref_result['final']
+  assert ckpt_util.steps(workdir) == [10, 20, 30, 36]
+  ckpt_util.assert_bitwise_equal(ckpt_util.saved_params(workdir), ref_params)
+
+
+def test_overlap_is_on_for_accelerators_only(monkeypatch, tiny_config):
+  assert not train.overlaps_epoch_end(tiny_config)  # 'auto' on the CPU
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  assert train.overlaps_epoch_end(tiny_config)
+  tiny_config.overlap_epoch_end = 'no'
+  assert not train.overlaps_epoch_end(tiny_config)
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'cpu')
+  tiny_config.overlap_epoch_end = 'yes'
+  assert train.overlaps_epoch_end(tiny_config)
 
 
 def _write_legacy_checkpoint(directory, step, state_tree, config_json, run):
@@ -420,3 +504,82 @@ def test_checkpoint_of_the_code_before_layering_resumes_and_evaluates(
   assert [r['step'] for r in result['epochs']] == [18, 36]
   assert result['final'] == ref_result['final']
   ckpt_util.assert_bitwise_equal(ckpt_util.saved_params(workdir), ref_params)
+
+
+TIMES = ('train_seconds', 'images_per_second', 'compile_seconds')
+
+
+def _without_times(records):
+  return [{k: v for k, v in r.items() if k not in TIMES} for r in records]
+
+
+class _Dispatches:
+  """Wraps `steps.make_train_fn`'s function to log each dispatch's first
+  step into `events` and keep the states it was given."""
+
+  def __init__(self, fn, events):
+    self.fn, self.events, self.given = fn, events, []
+    self.lower = fn.lower
+
+  def __call__(self, state, *args, **kwargs):
+    self.events.append(('dispatch', int(state.step)))
+    self.given.append(state)
+    return self.fn(state, *args, **kwargs)
+
+
+class _EpochEvents(base.Hook):
+  def __init__(self, events):
+    self.events = events
+
+  def on_epoch_dispatched(self, run, epoch, step, state):
+    self.events.append(('dispatched', step))
+
+  def on_epoch_end(self, run, epoch, step, state, record):
+    self.events.append(('end', step))
+    assert not any(x.is_deleted() for x in jax.tree.leaves(state))
+
+
+@pytest.mark.parametrize('overlap', ['no', 'yes'])
+def test_overlapped_epoch_ends_dispatch_ahead_and_train_the_same(
+    reference, tmp_path, monkeypatch, overlap):
+  """overlap_epoch_end='yes' (the GPU/TPU default) dispatches the next
+  epoch's first steps between `on_epoch_dispatched` and `on_epoch_end`,
+  without donating the state, and trains, evaluates and saves bitwise what
+  the plain loop does."""
+  config, _, ref_result, ref_params = reference
+  config = config.copy_and_resolve_references()
+  config.overlap_epoch_end = overlap
+  events = []
+  wrapped = []
+
+  def make_train_fn(*args, **kwargs):
+    wrapped.append(_Dispatches(make(*args, **kwargs), events))
+    return wrapped[-1]
+
+  make = steps.make_train_fn
+  monkeypatch.setattr(steps, 'make_train_fn', make_train_fn)
+  workdir = str(tmp_path)
+  result = ckpt_util.run(config, workdir, extra_hooks=[_EpochEvents(events)])
+  ahead = [('dispatched', 18), ('dispatch', 18), ('end', 18)]
+  plain = [('dispatched', 18), ('end', 18), ('dispatch', 18)]
+  at_18 = events[events.index(('dispatched', 18)):][:3]
+  assert at_18 == (ahead if overlap == 'yes' else plain)
+  assert events[-2:] == [('dispatched', 36), ('end', 36)]  # none past the end
+  donated = [s.step.is_deleted() for s in wrapped[0].given]
+  assert not any(donated) if overlap == 'yes' else all(donated)
+  assert _without_times(result['epochs']) == _without_times(
+      ref_result['epochs'])
+  assert result['final'] == ref_result['final']
+  assert ckpt_util.steps(workdir) == [10, 20, 30, 36]
+  ckpt_util.assert_bitwise_equal(ckpt_util.saved_params(workdir), ref_params)
+
+
+def test_overlap_is_on_for_accelerators_only(monkeypatch, tiny_config):
+  assert not train.overlaps_epoch_end(tiny_config)  # 'auto' on the CPU
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  assert train.overlaps_epoch_end(tiny_config)
+  tiny_config.overlap_epoch_end = 'no'
+  assert not train.overlaps_epoch_end(tiny_config)
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'cpu')
+  tiny_config.overlap_epoch_end = 'yes'
+  assert train.overlaps_epoch_end(tiny_config)

@@ -56,7 +56,8 @@ class Hook:
   do not block on it without need); `on_metrics` when a dispatch's per-step
   metrics reach the host (one dispatch late, so the host never waits);
   `on_stop` when the loop stops early (signal or a hook's request), before it
-  returns; `on_epoch_end` after each epoch's evaluation; and `on_train_end`
+  returns; `on_epoch_dispatched` when an epoch's last steps are dispatched,
+  before its evaluation; `on_epoch_end` after the evaluation; and `on_train_end`
   for every hook whose start was called, also when anything failed (then
   `result` is None). Methods may return an `Update` or None.
 
@@ -64,6 +65,10 @@ class Hook:
   `hooks.background.Background` worker, as the checkpoint and summary hooks
   do; anything computed from the state must be dispatched (or copied) before
   the method returns, because the next dispatch donates the state's buffers.
+  What is computed from the epoch-end state is best dispatched in
+  `on_epoch_dispatched`: the device then runs it before the evaluation and,
+  where the loop overlaps epoch ends (`train.overlaps_epoch_end`), before
+  the next epoch's first steps, which it dispatches ahead of `on_epoch_end`.
   """
   order: int = 50
 
@@ -79,6 +84,11 @@ class Hook:
   def on_stop(self, run: Run, step: int, state, reason: str
               ) -> Update | None:
     """The loop stops early at `step` (e.g. pre-emption); save what matters."""
+
+  def on_epoch_dispatched(self, run: Run, epoch: int, step: int,
+                          state) -> None:
+    """Epoch `epoch`'s last steps, ending at `step`, are dispatched (`state`
+    device-side); its evaluation and `on_epoch_end` follow."""
 
   def on_epoch_end(self, run: Run, epoch: int, step: int, state,
                    record: dict[str, Any]) -> Update | None:

@@ -43,6 +43,7 @@ class CheckpointHook(base.Hook):
     self.history: list[dict[str, Any]] = []
     self.last_saved = ''
     self._saved_step = None
+    self._copy = None  # (step, finite_copy output) taken at an epoch end
     self._workdir = ''
     self._background = None
     kind, _, step = os.environ.get(_FAULT_ENV, '').partition(':')
@@ -110,21 +111,34 @@ class CheckpointHook(base.Hook):
     self._wait()  # on disk before the process ends
     return update
 
+  def on_epoch_dispatched(self, run, epoch, step, state):
+    if self._saves_at_epoch_end(run, step):
+      # Copied now: the device does it before the evaluation (and before the
+      # steps the loop may dispatch ahead), so on_epoch_end finds it done.
+      self._copy = (step, checkpointing.finite_copy(
+          checkpointing.state_tree(state)))
+
   def on_epoch_end(self, run, epoch, step, state, record):
     self.history.append(record)
-    every = run.config.checkpoint_every_steps
     if step == run.total_steps:
       update = self._save(run, step, state, metrics=record, reason='final')
       self._wait()  # its errors come before the run reports success
       return update
-    if every == 0 or step % every == 0:
+    if self._saves_at_epoch_end(run, step):
       return self._save(run, step, state, metrics=record)
     return None
 
+  @staticmethod
+  def _saves_at_epoch_end(run, step) -> bool:
+    every = run.config.checkpoint_every_steps
+    return step == run.total_steps or every == 0 or step % every == 0
+
   def _save(self, run, step, state, metrics=None, reason='periodic'):
+    copy, self._copy = self._copy, None
     # A copy: the next dispatch donates the state's buffers while it saves.
-    tree, finite = checkpointing.finite_copy(checkpointing.state_tree(state))
-    if not finite:
+    tree, finite = (copy[1] if copy and copy[0] == step else
+                    checkpointing.finite_copy(checkpointing.state_tree(state)))
+    if not bool(finite):  # waits for the copy (done, if taken in advance)
       raise NonFiniteLossError(
           f'The training state is not finite at step {step} (the loss became '
           'NaN or infinite at or before it); it was not saved. Last good '

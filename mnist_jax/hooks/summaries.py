@@ -123,6 +123,7 @@ class SummaryHook(base.Hook):
     self._window = None  # TrainMetrics merged since the last write.
     self._stats_fn = None
     self._stats_key = None
+    self._statistics = None  # (epoch, statistics) dispatched at its end
     self._background = None
 
   # The writers are made at their first use, on the background thread:
@@ -212,6 +213,13 @@ class SummaryHook(base.Hook):
     self.train_writer.write_scalars(step, scalars)
 
   # ------------------------------------------------------------- epoch end
+  def on_epoch_dispatched(self, run, epoch, step, state):
+    # Dispatched here, before the evaluation and before the next epoch's
+    # steps take the parameters' buffers (donation); fetched and written on
+    # the background thread.
+    self._statistics = (epoch, self._epoch_statistics(run, epoch,
+                                                      state.params))
+
   def on_epoch_end(self, run, epoch, step, state, record):
     evaluated = {k: v for k, v in record.items()
                  if k.startswith(('test_', 'validation_'))}
@@ -219,9 +227,9 @@ class SummaryHook(base.Hook):
                if k.startswith('test_')}
     scalars.update({k: v for k, v in evaluated.items()
                     if k.startswith('validation_')})
-    # Dispatched here, before the next epoch's step takes the parameters'
-    # buffers (donation); fetched and written on the background thread.
-    stats, images = self._epoch_statistics(run, epoch, state.params)
+    taken, self._statistics = self._statistics, None
+    stats, images = (taken[1] if taken and taken[0] == epoch else
+                     self._epoch_statistics(run, epoch, state.params))
     self._submit(self._write_epoch, step, scalars, stats, images)
 
   def _epoch_statistics(self, run, epoch, params):

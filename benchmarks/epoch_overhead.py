@@ -1,7 +1,7 @@
 r"""Where an epoch's wall time goes beyond training: the whole loop, measured.
 
   python benchmarks/epoch_overhead.py --epochs 10 --rounds 2 \
-      --variants overlap_epoch_end=no,yes \
+      --variant steps_per_dispatch=10,overlap_epoch_end=no --variant '' \
       --set data.source=idx --set data.dir=../shared/data/mnist \
       --out benchmarks/results/epoch_overhead.json
 
@@ -11,9 +11,9 @@ wall time from one epoch's evaluated record to the next, which adds that
 epoch's evaluation and the previous epoch's hooks. Each round also runs a
 bare baseline: the same config with no hooks and evaluation only after the
 last epoch, so that `loop / bare` counts everything the whole loop adds,
-including what its background threads take from training. `--variants
-key=a,b` runs the whole loop once per value in every round, interleaved
-(A B bare A B bare ...), in one process.
+including what its background threads take from training. Each `--variant`
+runs the whole loop once per round with its overrides, interleaved (A B
+bare A B bare ...), in one process.
 
 It also times, on the loop's thread, each hook's methods and what the
 checkpoint and summary hooks hand to their background threads (those times
@@ -110,8 +110,10 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--epochs', type=int, default=10)
   parser.add_argument('--rounds', type=int, default=1)
-  parser.add_argument('--variants', default='',
-                      help='key=a,b: one whole-loop run per value per round')
+  parser.add_argument('--variant', action='append', default=[],
+                      help="key=value,key=value: a whole-loop run per round "
+                      "with these overrides ('' = the config as set); "
+                      'repeatable, run in the order given')
   parser.add_argument('--out', default='benchmarks/results/epoch_overhead.json')
   parser.add_argument('--set', action='append', default=[])
   args = parser.parse_args()
@@ -122,10 +124,7 @@ def main():
   config.write_report = False
   for assignment in args.set:
     common.override(config, assignment)
-  variants = [('', None)]
-  if args.variants:
-    key, values = args.variants.split('=', 1)
-    variants = [(f'{key}={v}', f'{key}={v}') for v in values.split(',')]
+  variants = args.variant or ['']
   bare = config.copy_and_resolve_references()
   bare.eval_every_epochs = args.epochs  # evaluated once, after the last
   times = collections.defaultdict(list)
@@ -134,11 +133,11 @@ def main():
   runs = []
   for round_ in range(1, args.rounds + 1):
     measured = []
-    for name, assignment in variants:
+    for variant in variants:
       c = config.copy_and_resolve_references()
-      if assignment:
+      for assignment in filter(None, variant.split(',')):
         common.override(c, assignment)
-      measured.append((name or 'whole loop', c, None))
+      measured.append((variant or 'whole loop', c, None))
     measured.append(('bare (no hooks, evaluated at the end)', bare, []))
     done = {}
     for name, c, hooks in measured:
@@ -154,7 +153,7 @@ def main():
       runs.append({'round': round_, 'name': name, **run})
   common.write_json(args.out, {
       'machine': common.machine_info(), 'config': config.to_dict(),
-      'variants': args.variants, 'runs': runs})
+      'variants': variants, 'runs': runs})
 
 
 if __name__ == '__main__':

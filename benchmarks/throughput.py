@@ -66,7 +66,8 @@ def make_bare_epoch(config):
                                   'label': ctx.data.train.labels}, ctx.mesh)
   train_fn = steps.make_train_fn(config, n, ctx.mesh)
   perm = jax.random.permutation(ctx.rngs['data'], n)
-  k, spe = config.steps_per_dispatch, ctx.steps_per_epoch
+  spe = ctx.steps_per_epoch
+  k = train.steps_per_dispatch(config, spe)
   lengths = [k] * (spe // k) + ([spe % k] if spe % k else [])
 
   def epoch() -> float:

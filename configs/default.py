@@ -65,7 +65,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.eval_every_epochs = 1  # Evaluate validation and test every N epochs (and at the end).
   config.log_every_steps = 50  # Write training scalars every N steps.
   config.compilation_cache_dir = ''  # JAX persistent cache; '' = ~/.cache/mnist_jax/jax_cache, 'none' = off.
-  config.steps_per_dispatch = 10  # Training steps per host call (one lax.scan); 1 = one jit per step.
+  config.steps_per_dispatch = 0  # Training steps per host call (one lax.scan); 0 = auto (CPU: 10, GPU/TPU: an epoch); 1 = one jit per step.
   config.overlap_epoch_end = 'auto'  # Dispatch the next epoch's first steps before the epoch-end work: 'auto' (GPU/TPU), 'yes', 'no'.
   config.profile_steps = 0  # Trace N training steps with the JAX profiler into the workdir; 0 = off.
   config.write_report = True  # After training, write <workdir>/report/ (plots + report.md).

@@ -35,7 +35,7 @@ def validate(config) -> None:
     return isinstance(v, int) and not isinstance(v, bool)
 
   for field in ('batch_size', 'num_epochs', 'eval_batch_size', 'log_every_steps',
-                'steps_per_dispatch', 'eval_every_epochs',
+                'eval_every_epochs',
                 'max_checkpoints_to_keep', 'num_classes'):
     check(is_int(get(config, field)) and get(config, field) > 0, field,
           'must be a positive integer.')
@@ -60,6 +60,9 @@ def validate(config) -> None:
         f'use one of {PARALLELISMS}.')
   check(config.distributed.initialize in DISTRIBUTED_INIT,
         'distributed.initialize', f'use one of {DISTRIBUTED_INIT}.')
+  check(is_int(config.steps_per_dispatch) and config.steps_per_dispatch >= 0,
+        'steps_per_dispatch', 'must be 0 (auto: 10 on the CPU, an epoch on '
+        'GPU/TPU) or a positive number of steps.')
   check(config.overlap_epoch_end in OVERLAP_EPOCH_END, 'overlap_epoch_end',
         f'use one of {OVERLAP_EPOCH_END}.')
   check(config.data.num_validation > 0, 'data.num_validation', 'must be > 0.')

@@ -290,7 +290,7 @@ class _Loop:
         out_shardings=jax.NamedSharding(run.mesh, jax.P()))
 
     def dispatch(state, step, epoch_end, perm):
-      n = _chunk_length(config, step, epoch_end)
+      n = _chunk_length(config, step, epoch_end, run.steps_per_epoch)
       state, stacked = train_fn(state, train_data, perm, run.rngs['dropout'],
                                 num_steps=n)
       return state, step + n, stacked
@@ -420,7 +420,7 @@ def dispatch_lengths(config, step: int, total_steps: int,
       break
     epoch_end = min((step // steps_per_epoch + 1) * steps_per_epoch,
                     total_steps)
-    n = _chunk_length(config, step, epoch_end)
+    n = _chunk_length(config, step, epoch_end, steps_per_epoch)
     lengths.add(n)
     step += n
   return sorted(lengths)
@@ -446,14 +446,32 @@ def _precompile(train_fn, args, lengths: list[int]) -> float | None:
   return seconds
 
 
-def _chunk_length(config, step: int, epoch_end: int) -> int:
-  """Steps in the next dispatch: at most steps_per_dispatch, never past the
-  epoch end nor past a checkpoint step (so saves happen at exact steps).
+# steps_per_dispatch=0 (auto) on the CPU: a dispatch of 10 steps takes ~2 s
+# there, so the progress bar moves and a stop request waits little.
+CPU_STEPS_PER_DISPATCH = 10
+
+
+def steps_per_dispatch(config, steps_per_epoch: int) -> int:
+  """`config.steps_per_dispatch`; 0 (auto): 10 on the CPU, a whole epoch on
+  GPU/TPU (its host then dispatches once per epoch and need not keep pace
+  with steps of a few milliseconds, which threads writing summaries and
+  checkpoints beside the loop would otherwise slow)."""
+  if config.steps_per_dispatch > 0:
+    return config.steps_per_dispatch
+  if jax.default_backend() == 'cpu':
+    return CPU_STEPS_PER_DISPATCH
+  return steps_per_epoch
+
+
+def _chunk_length(config, step: int, epoch_end: int,
+                  steps_per_epoch: int) -> int:
+  """Steps in the next dispatch: at most `steps_per_dispatch`, never past
+  the epoch end nor past a checkpoint step (so saves happen at exact steps).
 
   Each distinct length is one more compiled program, so the default config
   checkpoints at epoch ends: an epoch is then k, k, ..., k, (107 mod k).
   """
-  n = min(config.steps_per_dispatch, epoch_end - step)
+  n = min(steps_per_dispatch(config, steps_per_epoch), epoch_end - step)
   every = config.checkpoint_every_steps  # 0: at epoch ends only
   return min(n, every - step % every) if every > 0 else n
 

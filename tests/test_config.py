@@ -41,6 +41,7 @@ def test_unknown_config_arg():
     ('dtype', 'float8', 'dtype'),
     ('parallelism', 'tpu', "parallelism='tpu': use one of"),
     ('distributed.initialize', 'maybe', "use one of \\('auto'"),
+    ('steps_per_dispatch', -1, 'steps_per_dispatch=-1: must be 0'),
     ('overlap_epoch_end', 'sometimes', "overlap_epoch_end='sometimes'"),
     ('profile_steps', -1, 'profile_steps=-1'),
     ('eval_step', -2, 'eval_step=-2'),

@@ -159,13 +159,29 @@ def test_dispatches_end_at_epoch_ends_and_checkpoint_steps(tiny_config):
     tiny_config.checkpoint_every_steps = every
     out, step = [], 0
     while step < 18:
-      out.append(train._chunk_length(tiny_config, step, 18))  # pylint: disable=protected-access
+      out.append(train._chunk_length(tiny_config, step, 18, 18))  # pylint: disable=protected-access
       step += out[-1]
     return out
 
   tiny_config.steps_per_dispatch = 4
   assert lengths(0) == [4, 4, 4, 4, 2]  # checkpoints at epoch ends only
   assert lengths(10) == [4, 4, 2, 4, 4]  # 10 is a dispatch boundary
+
+
+def test_auto_steps_per_dispatch_is_10_on_cpu_and_an_epoch_elsewhere(
+    tiny_config, monkeypatch):
+  tiny_config.steps_per_dispatch = 0  # the default: auto
+  tiny_config.checkpoint_every_steps = 0
+  assert train.steps_per_dispatch(tiny_config, 107) == 10
+  assert train.dispatch_lengths(tiny_config, 0, 214, 107) == [7, 10]
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  assert train.steps_per_dispatch(tiny_config, 107) == 107
+  assert train.dispatch_lengths(tiny_config, 0, 214, 107) == [107]
+  assert train.dispatch_lengths(tiny_config, 50, 214, 107) == [57, 107]
+  tiny_config.checkpoint_every_steps = 100  # saves still at exact steps
+  assert train.dispatch_lengths(tiny_config, 0, 214, 107) == [7, 14, 93, 100]
+  tiny_config.steps_per_dispatch = 4  # a value set by hand wins
+  assert train.steps_per_dispatch(tiny_config, 107) == 4
 
 
 def test_every_dispatch_length_compiles_before_the_epochs_clock(

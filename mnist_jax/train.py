@@ -66,12 +66,15 @@ def overlaps_epoch_end(config) -> bool:
   """Whether the loop dispatches each epoch's first steps before the previous
   epoch's end work (`config.overlap_epoch_end`; 'auto': on GPU/TPU).
 
-  An accelerator runs dispatches in order, so the next epoch's first steps
-  then run while the host fetches the evaluation, prints and hands the
-  checkpoint over, instead of after it. The state is then not donated (the
-  epoch-end state stays valid for the hooks and for a stop at the epoch
-  end; one more copy of it in device memory). Off on the CPU, where
-  executions run side by side on the same cores and nothing is gained.
+  The device then trains on while the host fetches the evaluation, prints
+  and hands the checkpoint over. The state is not donated (the epoch-end
+  state stays valid for the hooks and for a stop at the epoch end; one more
+  copy of it in device memory). An overlapped epoch's `train_seconds` runs
+  from the previous epoch's training end, so it includes the epoch-end work
+  the device ran in between (the evaluation). The first epoch end of a
+  session runs in the plain order, so what it compiles stays off the clock.
+  Off on the CPU, where executions run side by side on the same cores and
+  nothing is gained.
   """
   if config.overlap_epoch_end == 'auto':
     return jax.default_backend() != 'cpu'
@@ -298,6 +301,7 @@ class _Loop:
     self.first_step_of_run = int(state.step)
     step = int(state.step)
     ahead = None  # (state, step, stacked, perm, t0): the next epoch's first
+    warm = False  # whether an evaluation and epoch-end hooks have run
     while step < run.total_steps:
       epoch = step // run.steps_per_epoch
       epoch_end = min((epoch + 1) * run.steps_per_epoch, run.total_steps)
@@ -327,10 +331,10 @@ class _Loop:
         merged = self._drain(pending, merged, keep=1)  # overlaps the device
       evaluate_now = ((epoch + 1) % config.eval_every_epochs == 0
                       or step == run.total_steps)
-      if overlap:
-        # The device runs, in this order, what the hooks compute from the
-        # epoch-end state, the evaluation, and the next epoch's first
-        # steps: it keeps busy while this thread waits, prints and saves.
+      if overlap and warm:
+        # The device runs what the hooks compute from the epoch-end state,
+        # the evaluation and the next epoch's first steps: it keeps busy
+        # while this thread waits, prints and saves.
         self._epoch_dispatched(epoch + 1, step, state)
         evals = self._dispatch_evaluation(state) if evaluate_now else {}
         if step < run.total_steps:
@@ -338,7 +342,12 @@ class _Loop:
           next_perm = permutation(run.rngs['data'], epoch + 1)
           ahead = (*dispatch(state, step, next_end, next_perm), next_perm)
         merged = self._drain(pending, merged, keep=0)
-        train_time = time.perf_counter() - t0
+        now = time.perf_counter()
+        train_time = now - t0
+        if ahead is not None:
+          # The next epoch's clock starts where this epoch's training ends:
+          # it counts the epoch-end work the device runs before it.
+          ahead = (*ahead, now)
       else:
         merged = self._drain(pending, merged, keep=0)
         train_time = time.perf_counter() - t0
@@ -352,8 +361,6 @@ class _Loop:
       for name, metrics in jax.device_get(evals).items():
         record.update({f'{name}_{k}': v for k, v in
                        metrics_lib.to_scalars(metrics).items()})
-      if ahead is not None:  # the device now trains the next epoch
-        ahead = (*ahead, time.perf_counter())
       if first_step == self.first_step_of_run and compile_seconds is not None:
         record['compile_seconds'] = compile_seconds  # this session's first
       self.history.append(record)
@@ -365,6 +372,9 @@ class _Loop:
       if ended is not state:  # a hook replaced the state: not what ran ahead
         ahead = None
       state = ended
+      # Epoch ends overlap once what they run has compiled (in the plain
+      # order, outside the training clock): after the first evaluation.
+      warm = warm or bool(evals)
       if stop:
         self.stop = 'requested'
         return self._stop(state, step), self.stop

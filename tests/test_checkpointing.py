@@ -15,6 +15,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 import ckpt_util
+import conftest
 from mnist_jax import checkpointing
 from mnist_jax import evaluate
 from mnist_jax import optimizer
@@ -330,14 +331,9 @@ def test_resume_regrouping_steps_into_dispatches_is_bitwise(tiny_config,
                                  ckpt_util.saved_params(whole))
 
 
-@pytest.mark.parametrize('overlap', ['no', 'yes'])
 def test_on_epoch_returning_true_stops_with_a_checkpoint_and_resumes(
-    reference, tmp_path, capsys, overlap):
-  """With epoch ends overlapped, the steps dispatched ahead are dropped: the
-  run stops at the epoch end, saves that state and resumes from it."""
+    reference, tmp_path, capsys):
   config, _, ref_result, ref_params = reference
-  config = config.copy_and_resolve_references()
-  config.overlap_epoch_end = overlap
   workdir = str(tmp_path)
   seen = []
   result = ckpt_util.run(config, workdir,
@@ -390,39 +386,83 @@ class _EpochEvents(base.Hook):
     assert not any(x.is_deleted() for x in jax.tree.leaves(state))
 
 
-@pytest.mark.parametrize('overlap', ['no', 'yes'])
-def test_overlapped_epoch_ends_dispatch_ahead_and_train_the_same(
-    reference, tmp_path, monkeypatch, overlap):
-  """overlap_epoch_end='yes' (the GPU/TPU default) dispatches the next
-  epoch's first steps between `on_epoch_dispatched` and `on_epoch_end`,
-  without donating the state, and trains, evaluates and saves bitwise what
-  the plain loop does."""
-  config, _, ref_result, ref_params = reference
-  config = config.copy_and_resolve_references()
-  config.overlap_epoch_end = overlap
-  events = []
-  wrapped = []
+def _events_run(config, workdir, monkeypatch, **kwargs):
+  """(result, events, states given to the train function) of a run."""
+  events, wrapped = [], []
+  make = steps.make_train_fn
 
-  def make_train_fn(*args, **kwargs):
-    wrapped.append(_Dispatches(make(*args, **kwargs), events))
+  def make_train_fn(*args, **kw):
+    wrapped.append(_Dispatches(make(*args, **kw), events))
     return wrapped[-1]
 
-  make = steps.make_train_fn
   monkeypatch.setattr(steps, 'make_train_fn', make_train_fn)
+  result = ckpt_util.run(config, workdir, extra_hooks=[_EpochEvents(events)],
+                         **kwargs)
+  monkeypatch.setattr(steps, 'make_train_fn', make)
+  return result, events, wrapped[0].given
+
+
+@pytest.fixture(scope='module')
+def three_epochs(tmp_path_factory, idx_dir):
+  """A plain 3-epoch run (epoch ends at 18, 36, 54; saves at every one)."""
+  config = conftest.tiny_config_for(idx_dir)
+  config.num_epochs = 3
+  config.checkpoint_every_steps = 0
+  config.write_report = False
+  config.overlap_epoch_end = 'no'
+  workdir = str(tmp_path_factory.mktemp('plain3'))
+  with pytest.MonkeyPatch.context() as mp:
+    result, events, given = _events_run(config, workdir, mp)
+  return config, result, events, given, ckpt_util.saved_params(workdir)
+
+
+def test_overlapped_epoch_ends_dispatch_ahead_and_train_the_same(
+    three_epochs, tmp_path, monkeypatch):
+  """overlap_epoch_end='yes' (the GPU/TPU default) dispatches the next
+  epoch's first steps between `on_epoch_dispatched` and `on_epoch_end` from
+  the second epoch end on (the first compiles in the plain order), without
+  donating the state, and trains, evaluates and saves bitwise what the
+  plain loop does."""
+  config, plain, plain_events, plain_given, plain_params = three_epochs
+  ahead = [('dispatched', 36), ('dispatch', 36), ('end', 36)]
+  in_order = [('dispatched', 36), ('end', 36), ('dispatch', 36)]
+  at_36 = lambda events: events[events.index(('dispatched', 36)):][:3]
+  assert at_36(plain_events) == in_order
+  assert all(s.step.is_deleted() for s in plain_given)  # donated
+  config = config.copy_and_resolve_references()
+  config.overlap_epoch_end = 'yes'
   workdir = str(tmp_path)
-  result = ckpt_util.run(config, workdir, extra_hooks=[_EpochEvents(events)])
-  ahead = [('dispatched', 18), ('dispatch', 18), ('end', 18)]
-  plain = [('dispatched', 18), ('end', 18), ('dispatch', 18)]
+  result, events, given = _events_run(config, workdir, monkeypatch)
+  assert at_36(events) == ahead
   at_18 = events[events.index(('dispatched', 18)):][:3]
-  assert at_18 == (ahead if overlap == 'yes' else plain)
-  assert events[-2:] == [('dispatched', 36), ('end', 36)]  # none past the end
-  donated = [s.step.is_deleted() for s in wrapped[0].given]
-  assert not any(donated) if overlap == 'yes' else all(donated)
-  assert _without_times(result['epochs']) == _without_times(
-      ref_result['epochs'])
-  assert result['final'] == ref_result['final']
-  assert ckpt_util.steps(workdir) == [10, 20, 30, 36]
-  ckpt_util.assert_bitwise_equal(ckpt_util.saved_params(workdir), ref_params)
+  assert at_18 == [('dispatched', 18), ('end', 18), ('dispatch', 18)]
+  assert events[-2:] == [('dispatched', 54), ('end', 54)]  # none past the end
+  assert not any(s.step.is_deleted() for s in given)  # not donated
+  assert _without_times(result['epochs']) == _without_times(plain['epochs'])
+  assert result['final'] == plain['final']
+  assert ckpt_util.steps(workdir) == [18, 36, 54]
+  ckpt_util.assert_bitwise_equal(ckpt_util.saved_params(workdir), plain_params)
+
+
+def test_overlapped_stop_at_an_epoch_end_drops_the_steps_run_ahead(
+    three_epochs, tmp_path, monkeypatch, capsys):
+  """A stop requested at the second epoch end (where steps were dispatched
+  ahead) saves the epoch-end state, and the resumed run ends bitwise as the
+  plain one."""
+  config, plain, _, _, plain_params = three_epochs
+  config = config.copy_and_resolve_references()
+  config.overlap_epoch_end = 'yes'
+  workdir = str(tmp_path)
+  result, events, _ = _events_run(config, workdir, monkeypatch,
+                                  on_epoch=lambda r: r['epoch'] == 2)
+  assert ('dispatch', 36) in events  # run ahead, then dropped
+  assert result['stopped_early'] and result['step'] == 36
+  assert 'Stopped early: saved checkpoint at step 36' in capsys.readouterr().out
+  assert ckpt_util.steps(workdir) == [18, 36]
+  result = ckpt_util.run(config, workdir)
+  assert [r['step'] for r in result['epochs']] == [18, 36, 54]
+  assert result['final'] == plain['final']
+  ckpt_util.assert_bitwise_equal(ckpt_util.saved_params(workdir), plain_params)
 
 
 def test_overlap_is_on_for_accelerators_only(monkeypatch, tiny_config):

@@ -147,3 +147,15 @@ def put_sharded_batches(tree, mesh):
   along 'data' (the padded evaluation splits)."""
   sharding = jax.NamedSharding(mesh, jax.P(None, 'data'))
   return jax.tree.map(lambda x: global_array(x, sharding), tree)
+
+
+def prefetch_to_host(tree):
+  """Starts copying `tree`'s arrays to the host (`copy_to_host_async`) and
+  returns it. The fetch is then asked for before work dispatched later: on
+  an H100, the loop's fetch of an epoch's metrics, asked for after the next
+  epoch's steps were dispatched, returned only near their end."""
+  for leaf in jax.tree.leaves(tree):
+    if isinstance(leaf, jax.Array) and (leaf.is_fully_replicated
+                                        or leaf.is_fully_addressable):
+      leaf.copy_to_host_async()
+  return tree

@@ -296,7 +296,7 @@ class _Loop:
       n = _chunk_length(config, step, epoch_end, run.steps_per_epoch)
       state, stacked = train_fn(state, train_data, perm, run.rngs['dropout'],
                                 num_steps=n)
-      return state, step + n, stacked
+      return state, step + n, parallel.prefetch_to_host(stacked)
 
     self.first_step_of_run = int(state.step)
     step = int(state.step)
@@ -334,7 +334,9 @@ class _Loop:
       if overlap and warm:
         # The device runs what the hooks compute from the epoch-end state,
         # the evaluation and the next epoch's first steps: it keeps busy
-        # while this thread waits, prints and saves.
+        # while this thread waits, prints and saves. What this thread will
+        # fetch is already on its way to the host (`prefetch_to_host`), so no
+        # fetch waits behind the steps dispatched ahead.
         self._epoch_dispatched(epoch + 1, step, state)
         evals = self._dispatch_evaluation(state) if evaluate_now else {}
         if step < run.total_steps:
@@ -345,7 +347,7 @@ class _Loop:
         now = time.perf_counter()
         train_time = now - t0
         if ahead is not None:
-          # The next epoch's clock starts where this epoch's training ends:
+          # The next epoch's clock starts where this epoch's training ended:
           # it counts the epoch-end work the device runs before it.
           ahead = (*ahead, now)
       else:
@@ -386,8 +388,9 @@ class _Loop:
 
   def _dispatch_evaluation(self, state) -> dict[str, Any]:
     """The splits' device-side metrics, every split dispatched at once."""
-    return {name: self.run.eval_fn(state.params, split)
-            for name, split in self.run.eval_splits.items()}
+    return parallel.prefetch_to_host(
+        {name: self.run.eval_fn(state.params, split)
+         for name, split in self.run.eval_splits.items()})
 
   def _stop(self, state, step):
     state = self._call('on_stop', state, step, state, self.stop)

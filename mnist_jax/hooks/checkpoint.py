@@ -115,8 +115,8 @@ class CheckpointHook(base.Hook):
     if self._saves_at_epoch_end(run, step):
       # Copied now: the device does it before the evaluation (and before the
       # steps the loop may dispatch ahead), so on_epoch_end finds it done.
-      self._copy = (step, checkpointing.finite_copy(
-          checkpointing.state_tree(state)))
+      tree, finite = checkpointing.finite_copy(checkpointing.state_tree(state))
+      self._copy = (step, (tree, parallel.prefetch_to_host(finite)))
 
   def on_epoch_end(self, run, epoch, step, state, record):
     self.history.append(record)

@@ -241,8 +241,8 @@ class SummaryHook(base.Hook):
     train_idx = np.sort(host_rng.choice(len(train), batch, replace=False))
     test_idx = np.sort(host_rng.choice(len(test), batch, replace=False))
     rng = jax.random.fold_in(self._stats_key, epoch)
-    stats = self._stats_fn(params, train.images[train_idx],
-                           test.images[test_idx], rng)
+    stats = parallel.prefetch_to_host(self._stats_fn(
+        params, train.images[train_idx], test.images[test_idx], rng))
     shown = host_rng.choice(len(train), NUM_SUMMARY_IMAGES, replace=False)
     return stats, train.images[shown]
 

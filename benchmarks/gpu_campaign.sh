@@ -23,6 +23,6 @@ for r in 1 2; do
   run torch_bf16_$r 120 python3 benchmarks/torch_gpu.py --data_dir "$D" --epochs 6 --dtype bfloat16 --out "$R/sbs_torch_bf16_$r.json"
   run proj_bf16_$r 120 python3 benchmarks/throughput.py --data_dir "$D" --set dtype=bfloat16 --out "$R/sbs_proj_bf16_$r.json"
 done
-for dt in float32 bfloat16; do  # the whole loop against its training phase
-  run overhead_$dt 120 python3 benchmarks/epoch_overhead.py --epochs 10 --set data.source=idx --set data.dir="$D" --set dtype=$dt --out "$R/epoch_overhead_$dt.json"
+for dt in float32 bfloat16; do  # the whole loop against bare training; the old dispatch settings beside it
+  run overhead_$dt 120 python3 benchmarks/epoch_overhead.py --epochs 10 --rounds 2 --set data.source=idx --set data.dir="$D" --set dtype=$dt --variant steps_per_dispatch=10,overlap_epoch_end=no --variant= --out "$R/epoch_overhead_$dt.json"
 done

@@ -300,7 +300,8 @@ class _Loop:
 
     self.first_step_of_run = int(state.step)
     step = int(state.step)
-    ahead = None  # (state, step, stacked, perm, t0): the next epoch's first
+    ahead = None  # (state, step, stacked, perm): the next epoch's first
+    ahead_t0 = None  # where the clock of the epoch run ahead starts
     warm = False  # whether an evaluation and epoch-end hooks have run
     while step < run.total_steps:
       epoch = step // run.steps_per_epoch
@@ -318,7 +319,7 @@ class _Loop:
       while step < epoch_end:
         start = step
         if ahead is not None:  # dispatched during the last epoch's end
-          state, step, stacked, perm, t0 = ahead
+          (state, step, stacked, perm), t0 = ahead, ahead_t0
           ahead = None
         else:
           state, step, stacked = dispatch(state, step, epoch_end, perm)
@@ -344,12 +345,10 @@ class _Loop:
           next_perm = permutation(run.rngs['data'], epoch + 1)
           ahead = (*dispatch(state, step, next_end, next_perm), next_perm)
         merged = self._drain(pending, merged, keep=0)
-        now = time.perf_counter()
-        train_time = now - t0
-        if ahead is not None:
-          # The next epoch's clock starts where this epoch's training ended:
-          # it counts the epoch-end work the device runs before it.
-          ahead = (*ahead, now)
+        # The next epoch's clock starts where this epoch's training ended:
+        # it counts the epoch-end work the device runs before it.
+        ahead_t0 = time.perf_counter()
+        train_time = ahead_t0 - t0
       else:
         merged = self._drain(pending, merged, keep=0)
         train_time = time.perf_counter() - t0

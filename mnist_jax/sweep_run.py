@@ -185,6 +185,9 @@ def _tuner(plan, workdir: str, early_stopping, *, parallel: int,
       param_space={sweep_trial.POINT_KEY: tune.grid_search(names)},
       tune_config=tune.TuneConfig(
           scheduler=scheduler(early_stopping, max_epochs),
+          # The next point starts in the last one's process, its imports
+          # and JAX's in-memory caches already there.
+          reuse_actors=True,
           trial_name_creator=trial_name, trial_dirname_creator=trial_name),
       run_config=run_config)
 

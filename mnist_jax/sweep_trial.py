@@ -6,7 +6,8 @@ record over in `train_and_evaluate`'s `on_epoch` callback, then waits: the
 next `step()` lets it go on, while Tune stopping the trial (the early-stopping
 rule, or an interrupted sweep) makes `on_epoch` return True, so the point
 saves a checkpoint and returns cleanly. A retried or re-run point resumes
-from its own checkpoints in `<W>/<point name>`.
+from its own checkpoints in `<W>/<point name>`. Tune starts the next point in
+a finished point's process (`reset_config`), not in a fresh one.
 
 `PointEnd`, a Tune callback on the sweep's driver, reports each point as it
 ends and writes its TensorBoard HParams.
@@ -26,7 +27,6 @@ from ray import cloudpickle
 from ray import tune
 
 from mnist_jax import sweep_results
-from mnist_jax import tf_setup
 from mnist_jax import train
 
 # Keys of every result a trial reports to Tune (besides Tune's own).
@@ -44,17 +44,29 @@ class PointTrainable(tune.Trainable):
     """Args: config: {POINT_KEY: name}; plan: {name: (its config as a dict,
     its workdir)}; cwd: the sweep's working directory, for relative paths
     in the config (where it exists on this node)."""
+    self._plan, self._cwd = plan, cwd
+    self._thread: threading.Thread | None = None
+    self._node = ray.get_runtime_context().get_node_id()  # Where it ran.
+    self._begin(config)
+
+  def reset_config(self, new_config: dict[str, Any]) -> bool:
+    """The next point in this process (Tune reuses the actor): the last one
+    stops first, saving a checkpoint if Tune stopped it early."""
+    self.cleanup()
+    self._thread = None
+    self._begin(new_config)
+    return True
+
+  def _begin(self, config: dict[str, Any]) -> None:
     self._name = config[POINT_KEY]
-    config_dict, self._workdir = plan[self._name]
+    config_dict, self._workdir = self._plan[self._name]
     self._config = ml_collections.ConfigDict(config_dict)
-    if os.path.isdir(cwd):
-      os.chdir(cwd)  # Tune starts trials in their own log folder.
+    if os.path.isdir(self._cwd):
+      os.chdir(self._cwd)  # Tune starts trials in their own log folder.
     self._records: queue.Queue = queue.Queue()  # training -> step()
     self._go: queue.Queue = queue.Queue()  # step() -> training: stop?
-    self._thread: threading.Thread | None = None
     self._start = time.time()
     self._seen: list[dict[str, Any]] = []
-    self._node = ray.get_runtime_context().get_node_id()  # Where it ran.
 
   def _on_epoch(self, record: dict[str, Any]) -> bool:
     self._records.put(('epoch', record))
@@ -70,7 +82,9 @@ class PointTrainable(tune.Trainable):
 
   def step(self) -> dict[str, Any]:
     if self._thread is None:
-      tf_setup.hide_accelerators_from_tf()
+      # TensorFlow (for summaries; GPUs hidden) is imported by
+      # `train_and_evaluate` in the background, beside data loading and
+      # compilation, not here before them.
       self._thread = threading.Thread(target=self._train, daemon=True,
                                       name=f'train {self._name}')
       self._thread.start()

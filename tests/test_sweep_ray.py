@@ -117,6 +117,8 @@ def test_embedded_sweep_stops_early_records_failure_and_reruns(idx_dir,
   # Tune's state and logs are in the workdir; HParams for both runs.
   assert glob.glob(os.path.join(workdir, 'ray_tune', 'experiment_state*'))
   assert [r['epoch'] for r in _results(workdir, good)] == [1, 2]
+  # The stopped point ran in the first point's process (Tune reused it).
+  assert _results(workdir, bad)[0]['pid'] == _results(workdir, good)[0]['pid']
   for name in (good, bad):  # Each ended point's HParams session.
     hparams, best = _hparams(os.path.join(workdir, name))
     assert hparams == {'initial_learning_rate': float(

@@ -66,6 +66,29 @@ def test_same_records_as_clus_tensorflow_writer(tmp_path):
     assert np.abs(pixels.astype(int) - ref_pixels.reshape(28, 28)).max() <= 1
 
 
+def test_numpy_histograms_through_clus_writers_match_tensorflows(tmp_path):
+  from clu import metric_writers  # pylint: disable=g-import-not-at-top
+  acts = np.maximum(np.random.default_rng(1).normal(size=(8, 14, 14, 32)),
+                    0).astype(np.float32)
+  ref_writer = metric_writers.SummaryWriter(str(tmp_path / 'ref'))
+  ref_writer.write_histograms(7, {'a': acts})  # bucketed by TensorFlow
+  ref_writer.close()
+  writers = {'tf': metric_writers.create_default_writer(str(tmp_path / 'tf')),
+             'tb': event_writer.EventWriter(str(tmp_path / 'tb'))}
+  for writer in writers.values():
+    event_writer.write_histograms(writer, 7, {'a': acts})
+    writer.close()
+  plugin, ref = read_events(str(tmp_path / 'ref'))['a'][7]
+  assert plugin == 'histograms' and ref.shape == (30, 3)
+  for name in writers:
+    got_plugin, got = read_events(str(tmp_path / name))['a'][7]
+    assert got_plugin == 'histograms', name
+    assert got.shape == ref.shape, name
+    np.testing.assert_allclose(got[:, :2], ref[:, :2], rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(got[:, 2], ref[:, 2])
+    assert got[:, 2].sum() == acts.size, name
+
+
 def test_histogram_buckets_edge_cases():
   assert event_writer.histogram_buckets([], 30).shape == (0, 3)
   single = event_writer.histogram_buckets(np.full(5, 2.0), 30)

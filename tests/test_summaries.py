@@ -199,7 +199,7 @@ def test_epoch_summaries_are_written_beside_the_loop(tmp_path, tiny_config):
 
   class BlockingWriter:
     def __getattr__(self, name):
-      def write(*args):
+      def write(*args, **kwargs):
         threads.add(threading.current_thread())
         assert release.wait(30)
       return write

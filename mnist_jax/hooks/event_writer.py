@@ -11,6 +11,7 @@ writer: the same dashboards and `report.read_scalars` read them.
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import time
@@ -78,6 +79,21 @@ class EventWriter:
                                 'histograms'))
     self._write(step, values)
 
+  def write_summaries(self, step: int, values: Mapping[str, Any],
+                      metadata: Mapping[str, Any] | None = None) -> None:
+    """Raw tensors, each with its `SummaryMetadata` (a proto or its bytes),
+    as clu's `write_summaries`."""
+    if self._writer is None:
+      return
+    out = []
+    for tag, value in values.items():
+      md = (metadata or {}).get(tag)
+      if isinstance(md, bytes):
+        md = self._summary_pb2.SummaryMetadata.FromString(md)
+      out.append(self._summary_pb2.Summary.Value(
+          tag=tag, metadata=md, tensor=self._make_tensor(np.asarray(value))))
+    self._write(step, out)
+
   def write_images(self, step: int, images: Mapping[str, Any]) -> None:
     values = []
     for tag, batch in images.items():
@@ -114,6 +130,29 @@ class EventWriter:
   def close(self) -> None:
     if self._writer is not None:
       self._writer.close()
+
+
+def write_histograms(writer, step: int, arrays: Mapping[str, Any],
+                     num_buckets: int = NUM_HISTOGRAM_BUCKETS) -> None:
+  """Histograms through any clu `MetricWriter`, bucketed here in numpy.
+
+  clu's TensorFlow writer buckets with TensorFlow ops: ~9 ms per histogram of
+  65,536 values, against ~1 ms here. The records are those of
+  `write_histograms`: [buckets, 3] tensors of TensorBoard's histogram plugin.
+  """
+  md = _histogram_metadata()
+  writer.write_summaries(
+      step, {k: histogram_buckets(v, num_buckets) for k, v in arrays.items()},
+      metadata={k: md for k in arrays})
+
+
+@functools.lru_cache(maxsize=1)
+def _histogram_metadata() -> bytes:
+  # Imported at first use, as in `EventWriter`: TensorBoard's protos take
+  # ~40 ms to import, off the start-up's path.
+  from tensorboard.plugins.histogram import metadata  # pylint: disable=g-import-not-at-top
+  return metadata.create_summary_metadata(
+      display_name=None, description=None).SerializeToString()
 
 
 def histogram_buckets(values, num_buckets: int) -> np.ndarray:

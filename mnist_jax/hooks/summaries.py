@@ -256,8 +256,9 @@ class SummaryHook(base.Hook):
     self.eval_writer.write_scalars(
         step, {f'sparsity/{k}': float(v)
                for k, v in stats['test_sparsity'].items()})
-    self.train_writer.write_histograms(
-        step, {f'activations/{k}': v for k, v in stats['histograms'].items()})
+    event_writer.write_histograms(
+        self.train_writer, step,
+        {f'activations/{k}': v for k, v in stats['histograms'].items()})
     self.train_writer.write_images(step, {'images': images})
     self.train_writer.flush()
     self.eval_writer.flush()

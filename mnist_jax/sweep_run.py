@@ -23,6 +23,7 @@ import json
 import os
 import signal
 import sys
+import threading
 from typing import Any, Sequence
 
 import ml_collections
@@ -224,8 +225,15 @@ def _init_ray(address: str | None) -> None:
   # 'local': a fresh embedded cluster, never one that happens to run on
   # this machine (which ray.init() would otherwise join).
   address = address or os.environ.get('RAY_ADDRESS') or 'local'
+  on_term = signal.getsignal(signal.SIGTERM)
   ray.init(address=address, include_dashboard=False,
            runtime_env={'env_vars': env}, configure_logging=False)
+  if (on_term not in (None, signal.SIG_DFL)
+      and threading.current_thread() is threading.main_thread()):
+    # Ray's start-up installs a C++ SIGTERM handler that ends the process at
+    # once; the caller's (launch.py: stop the points as Ctrl-C does) is put
+    # back.
+    signal.signal(signal.SIGTERM, on_term)
   resources = ray.cluster_resources()
   print(f'Ray: {"embedded" if address == "local" else address}, '
         f'{len([n for n in ray.nodes() if n["Alive"]])} node(s), '

@@ -144,6 +144,33 @@ def test_embedded_sweep_stops_early_records_failure_and_reruns(idx_dir,
       'done', 'stopped early', 'failed']
 
 
+_SIGTERM_AFTER_RAY_INIT = r"""
+import os, signal, time
+from mnist_jax import sweep_run
+got = []
+signal.signal(signal.SIGTERM, lambda *_: got.append('handled'))
+sweep_run._init_ray(None)
+try:
+  os.kill(os.getpid(), signal.SIGTERM)
+  time.sleep(0.5)  # the handler runs between bytecodes
+finally:
+  sweep_run.ray.shutdown()
+print(got)
+"""
+
+
+def test_sigterm_reaches_the_sweeps_handler_after_ray_starts(tmp_path):
+  """Ray's start-up installs a C++ SIGTERM handler that ends the process;
+  the sweep's own (stop the points as Ctrl-C does, exit 143) must stay."""
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  env.pop('RAY_ADDRESS', None)
+  proc = subprocess.run([sys.executable, '-c', _SIGTERM_AFTER_RAY_INIT],
+                        cwd=str(tmp_path), env=env, capture_output=True,
+                        text=True, timeout=120)
+  assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+  assert "['handled']" in proc.stdout
+
+
 # ------------------------------------------------------------ a real cluster
 
 def _free_port():

@@ -137,29 +137,34 @@ class PointEnd(tune.Callback):
   line and writes the point's HParams (see `sweep_results`)."""
 
   def __init__(self, workdir: str, overrides: dict[str, dict[str, Any]]):
-    self.workdir, self.overrides, self.count = workdir, overrides, 0
+    self.workdir, self.overrides = workdir, overrides
 
-  def _say(self, trial, what: str):
-    self.count += 1
-    print(f'[{self.count}/{len(self.overrides)}] '
+  def _say(self, trials, trial, what: str):
+    # Counted over the whole sweep: a re-run goes on from the points that
+    # ended before it.
+    ended = 1 + sum(t is not trial and t.status in ('TERMINATED', 'ERROR')
+                    for t in trials)
+    print(f'[{ended}/{len(self.overrides)}] '
           f'{trial.config[POINT_KEY]}: {what}', flush=True)
 
   def on_trial_complete(self, iteration, trials, trial, **info):
-    del iteration, trials, info
+    del iteration, info
     r = trial.last_result or {}
     acc = r.get('best_validation_accuracy')
     acc = f', best validation accuracy {acc:.2%}' if acc is not None else ''
     if r.get(STATUS_KEY) == sweep_results.DONE:
-      self._say(trial, f'done in {r["wall_seconds"]:.0f} s{acc}')
+      self._say(trials, trial, f'done in {r["wall_seconds"]:.0f} s{acc}')
     else:
-      self._say(trial, f'stopped early after epoch {r.get("epoch")}{acc}')
+      self._say(trials, trial,
+                f'stopped early after epoch {r.get("epoch")}{acc}')
     name = trial.config[POINT_KEY]
     sweep_results.write_point_hparams(os.path.join(self.workdir, name),
                                       self.overrides[name], r)
 
   def on_trial_error(self, iteration, trials, trial, **info):
-    del iteration, trials, info
-    self._say(trial, f'FAILED: {describe_error(trial, running=True)}')
+    del iteration, info
+    self._say(trials, trial,
+              f'FAILED: {describe_error(trial, running=True)}')
 
 
 def describe_error(trial, *, running: bool = False) -> str:

@@ -133,7 +133,8 @@ def test_embedded_sweep_stops_early_records_failure_and_reruns(idx_dir,
                         text=True, timeout=300)
   assert proc.returncode == 1, proc.stdout + proc.stderr
   assert 'Continuing the sweep' in proc.stdout
-  assert 'batch_size=1024: FAILED: ConfigError' in proc.stdout
+  # Counted over the sweep: the two points that ended in the first run too.
+  assert '[3/3] batch_size=1024: FAILED: ConfigError' in proc.stdout
   assert '| 1 | 0.001 |  | 100.00% |' in proc.stdout  # The table.
   assert '1 of 3 points failed (batch_size=1024)' in proc.stderr
   assert 'Resuming' not in proc.stdout

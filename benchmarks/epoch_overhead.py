@@ -13,7 +13,9 @@ bare baseline: the same config with no hooks and evaluation only after the
 last epoch, so that `loop / bare` counts everything the whole loop adds,
 including what its background threads take from training. Each `--variant`
 runs the whole loop once per round with its overrides, interleaved (A B
-bare A B bare ...), in one process.
+bare A B bare ...), in one process. A variant's `without=Hook[+Hook]` (e.g.
+`without=SummaryHook` or `without=CheckpointHook+SummaryHook`) runs the default
+hooks less those, to attribute what each costs the loop.
 
 It also times, on the loop's thread, each hook's methods and what the
 checkpoint and summary hooks hand to their background threads (those times
@@ -112,8 +114,9 @@ def main():
   parser.add_argument('--rounds', type=int, default=1)
   parser.add_argument('--variant', action='append', default=[],
                       help="key=value,key=value: a whole-loop run per round "
-                      "with these overrides ('' = the config as set); "
-                      'repeatable, run in the order given')
+                      "with these overrides ('' = the config as set; "
+                      'without=Hook+Hook drops default hooks); repeatable, '
+                      'run in the order given')
   parser.add_argument('--out', default='benchmarks/results/epoch_overhead.json')
   parser.add_argument('--set', action='append', default=[])
   args = parser.parse_args()
@@ -135,9 +138,21 @@ def main():
     measured = []
     for variant in variants:
       c = config.copy_and_resolve_references()
+      hooks, without = None, []
       for assignment in filter(None, variant.split(',')):
-        common.override(c, assignment)
-      measured.append((variant or 'whole loop', c, None))
+        if assignment.startswith('without='):
+          without = assignment[len('without='):].split('+')
+        else:
+          common.override(c, assignment)
+      if without:
+        hooks = [h for h in train.default_hooks(c)
+                 if type(h).__name__ not in without]
+        unknown = set(without) - {type(h).__name__
+                                  for h in train.default_hooks(c)}
+        if unknown:
+          parser.error(f'--variant without={"+".join(without)}: no default '
+                       f'hook named {sorted(unknown)}')
+      measured.append((variant or 'whole loop', c, hooks))
     measured.append(('bare (no hooks, evaluated at the end)', bare, []))
     done = {}
     for name, c, hooks in measured:

@@ -3,7 +3,8 @@
 # cold compilation (jit call vs ahead of time), the default 20-epoch run in
 # float32 and bfloat16 from an empty compilation cache, then 2 rounds of the
 # PyTorch reference and the project's throughput, alternating, then the whole
-# loop against its training phase (epoch_overhead.py) in each dtype.
+# loop against its training phase (epoch_overhead.py) in each dtype, and
+# what each background hook costs the bfloat16 loop.
 #   bash benchmarks/gpu_campaign.sh <MNIST IDX folder> <results folder>
 # Needs torch (CUDA) beside the project; works without TensorFlow.
 set -u
@@ -26,3 +27,5 @@ done
 for dt in float32 bfloat16; do  # the whole loop against bare training; the old dispatch settings beside it
   run overhead_$dt 120 python3 benchmarks/epoch_overhead.py --epochs 10 --rounds 2 --set data.source=idx --set data.dir="$D" --set dtype=$dt --variant steps_per_dispatch=10,overlap_epoch_end=no --variant= --out "$R/epoch_overhead_$dt.json"
 done
+# What each background hook costs the bfloat16 loop (its Python shares the interpreter with a dispatch every ~0.13 s).
+run attribution_bfloat16 180 python3 benchmarks/epoch_overhead.py --epochs 10 --rounds 2 --set data.source=idx --set data.dir="$D" --set dtype=bfloat16 --variant= --variant without=SummaryHook --variant without=CheckpointHook --variant without=CheckpointHook+SummaryHook --out "$R/epoch_overhead_attribution_bfloat16.json"

@@ -24,6 +24,20 @@ from configs import default  # noqa: E402
 from mnist_jax import metrics as metrics_lib  # noqa: E402
 
 
+# The longest files (seconds of work on 2 cores, summed over their tests),
+# longest first. The two xdist workers take files in collection order
+# (`--dist loadfile`); alphabetical order handed these out last, and the run
+# waited on one worker at the end.
+LONGEST_FILES = ('test_parallel.py', 'test_sweep_ray.py',
+                 'test_checkpointing.py', 'test_ops.py',
+                 'test_checkpoint_faults.py', 'test_user_errors.py')
+
+
+def pytest_collection_modifyitems(items):
+  rank = {name: i for i, name in enumerate(LONGEST_FILES)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
 def write_idx(path, array, gz=True):
   """Writes a uint8 array as an IDX file (the format of MNIST's files)."""
   magic = 2051 if array.ndim == 3 else 2049

@@ -145,10 +145,9 @@ def main():
         else:
           common.override(c, assignment)
       if without:
-        hooks = [h for h in train.default_hooks(c)
-                 if type(h).__name__ not in without]
-        unknown = set(without) - {type(h).__name__
-                                  for h in train.default_hooks(c)}
+        defaults = train.default_hooks(c)
+        hooks = [h for h in defaults if type(h).__name__ not in without]
+        unknown = set(without) - {type(h).__name__ for h in defaults}
         if unknown:
           parser.error(f'--variant without={"+".join(without)}: no default '
                        f'hook named {sorted(unknown)}')

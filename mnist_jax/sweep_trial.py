@@ -45,7 +45,6 @@ class PointTrainable(tune.Trainable):
     its workdir)}; cwd: the sweep's working directory, for relative paths
     in the config (where it exists on this node)."""
     self._plan, self._cwd = plan, cwd
-    self._thread: threading.Thread | None = None
     self._node = ray.get_runtime_context().get_node_id()  # Where it ran.
     self._begin(config)
 
@@ -53,7 +52,6 @@ class PointTrainable(tune.Trainable):
     """The next point in this process (Tune reuses the actor): the last one
     stops first, saving a checkpoint if Tune stopped it early."""
     self.cleanup()
-    self._thread = None
     self._begin(new_config)
     return True
 
@@ -65,6 +63,7 @@ class PointTrainable(tune.Trainable):
       os.chdir(self._cwd)  # Tune starts trials in their own log folder.
     self._records: queue.Queue = queue.Queue()  # training -> step()
     self._go: queue.Queue = queue.Queue()  # step() -> training: stop?
+    self._thread: threading.Thread | None = None  # started by step()
     self._start = time.time()
     self._seen: list[dict[str, Any]] = []
 

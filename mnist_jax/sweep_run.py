@@ -20,14 +20,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import signal
 import sys
 import threading
 from typing import Any, Sequence
+import warnings
 
+from absl import flags
 import ml_collections
 
+from mnist_jax import console
 from mnist_jax import sweep as sweep_lib
 from mnist_jax import sweep_results
 from mnist_jax.errors import ConfigError
@@ -155,6 +159,8 @@ def _tuner(plan, workdir: str, early_stopping, *, parallel: int,
   trainable = tune.with_resources(
       tune.with_parameters(
           sweep_trial.PointTrainable, cwd=os.getcwd(),
+          verbosity=(flags.FLAGS['verbosity'].value
+                     if console.verbose_requested() else None),
           plan={name: (point_config.to_dict(), os.path.join(workdir, name))
                 for name, _, point_config in plan}),
       trial_resources(ray.nodes(), parallel))
@@ -165,7 +171,8 @@ def _tuner(plan, workdir: str, early_stopping, *, parallel: int,
                tune_logger.JsonLoggerCallback(),
                tune_logger.CSVLoggerCallback()]
   run_config = tune.RunConfig(
-      name=EXPERIMENT, storage_path=workdir, callbacks=callbacks, verbose=0,
+      name=EXPERIMENT, storage_path=workdir, callbacks=callbacks,
+      verbose=1 if console.verbose_requested() else 0,
       # The points' own checkpoints (in their workdirs) resume them.
       checkpoint_config=tune.CheckpointConfig(checkpoint_at_end=False),
       failure_config=tune.FailureConfig(max_failures=max_failures))
@@ -216,18 +223,52 @@ def _rows(plan, workdir: str) -> list[dict[str, Any]]:
   return rows
 
 
+def _quiet_tune() -> None:
+  """Keeps Tune's own console output to what the sweep does not say itself.
+
+  The sweep prints a line per point as it ends (`sweep_trial.PointEnd`, a
+  retried attempt's error included) and the results table; Tune's reporter
+  (its experiment box, a block per failed attempt) and its full traceback of
+  every failed attempt are left out. The tracebacks stay in each point's
+  `<workdir>/ray_tune/<point>/error.txt`. absl's `--verbosity` (or
+  `--alsologtostderr`) brings Tune's output back; so does setting
+  `RAY_AIR_NEW_OUTPUT` or `TUNE_PRINT_ALL_TRIAL_ERRORS` oneself.
+  """
+  # Tune's legacy reporter honours `verbose=0`; the newer one still prints.
+  os.environ.setdefault('RAY_AIR_NEW_OUTPUT', '0')
+  os.environ.setdefault('TUNE_PRINT_ALL_TRIAL_ERRORS', '0')
+  tune_log = logging.getLogger('ray.tune.tune')
+  if not any(isinstance(f, _SaidBySweep) for f in tune_log.filters):
+    tune_log.addFilter(_SaidBySweep())
+
+
+class _SaidBySweep(logging.Filter):
+  """Drops Tune's closing 'Trials did not complete' (the sweep's own last
+  line names the failed points and what to do)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith('Trials did not complete')
+
+
 def _init_ray(address: str | None) -> None:
   env = {k: v for k, v in os.environ.items()
          if k == _FORWARDED_ENV[0] or k.startswith(_FORWARDED_ENV[1])}
   # Only Tune's own loggers listed in `_tuner`; and `tensorboard --logdir`
   # of the sweep stays free of Tune's TensorBoard files.
   os.environ['TUNE_DISABLE_AUTO_CALLBACK_LOGGERS'] = '1'
+  if not console.verbose_requested():
+    _quiet_tune()
   # 'local': a fresh embedded cluster, never one that happens to run on
   # this machine (which ray.init() would otherwise join).
   address = address or os.environ.get('RAY_ADDRESS') or 'local'
   on_term = signal.getsignal(signal.SIGTERM)
-  ray.init(address=address, include_dashboard=False,
-           runtime_env={'env_vars': env}, configure_logging=False)
+  with warnings.catch_warnings():
+    # JAX warns of any fork in a process that imported it; Ray's start-up
+    # forks only to exec its own processes at once.
+    warnings.filterwarnings('ignore', message=r'os\.fork\(\) was called',
+                            category=RuntimeWarning)
+    ray.init(address=address, include_dashboard=False,
+             runtime_env={'env_vars': env}, configure_logging=False)
   if (on_term not in (None, signal.SIG_DFL)
       and threading.current_thread() is threading.main_thread()):
     # Ray's start-up installs a C++ SIGTERM handler that ends the process at
@@ -333,7 +374,9 @@ def run_from_file(config_filename: str, config: ml_collections.ConfigDict,
     return EXIT_INTERRUPTED
   if failed:
     print(f'{len(failed)} of {len(rows)} points failed ({", ".join(failed)});'
-          f' see their logs in {os.path.join(workdir, EXPERIMENT)}. Re-run '
-          'the same command to retry them.', file=sys.stderr, flush=True)
+          ' their tracebacks are in '
+          f'{os.path.join(workdir, EXPERIMENT, "<point>", "error.txt")}. '
+          'Re-run the same command to retry them.', file=sys.stderr,
+          flush=True)
     return 1
   return 0

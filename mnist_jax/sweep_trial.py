@@ -9,23 +9,33 @@ saves a checkpoint and returns cleanly. A retried or re-run point resumes
 from its own checkpoints in `<W>/<point name>`. Tune starts the next point in
 a finished point's process (`reset_config`), not in a fresh one.
 
+A trial's console is a single run's (see `console`): library log records and
+TensorFlow's C++ notices go to `<W>/<point name>/log.txt`, with the parameter
+table; what reaches the console (and Ray's copy of it on the driver) is the
+point's progress, epoch lines and warnings, each line tagged with its point.
+
 `PointEnd`, a Tune callback on the sweep's driver, reports each point as it
 ends and writes its TensorBoard HParams.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import queue
+import sys
 import threading
 import time
 from typing import Any
 
+from absl import flags
+from absl import logging
 import ml_collections
 import ray
 from ray import cloudpickle
 from ray import tune
 
+from mnist_jax import console
 from mnist_jax import sweep_results
 from mnist_jax import train
 
@@ -40,12 +50,15 @@ class PointTrainable(tune.Trainable):
   """Trains one point, an epoch per `step()`; see the module docstring."""
 
   def setup(self, config: dict[str, Any], *,
-            plan: dict[str, tuple[dict[str, Any], str]], cwd: str):
+            plan: dict[str, tuple[dict[str, Any], str]], cwd: str,
+            verbosity: int | None = None):
     """Args: config: {POINT_KEY: name}; plan: {name: (its config as a dict,
     its workdir)}; cwd: the sweep's working directory, for relative paths
-    in the config (where it exists on this node)."""
+    in the config (where it exists on this node); verbosity: the driver's
+    `--verbosity` when it asked for log records on the console, else None."""
     self._plan, self._cwd = plan, cwd
     self._node = ray.get_runtime_context().get_node_id()  # Where it ran.
+    self._lines = _quiet_console(verbosity)
     self._begin(config)
 
   def reset_config(self, new_config: dict[str, Any]) -> bool:
@@ -61,6 +74,10 @@ class PointTrainable(tune.Trainable):
     self._config = ml_collections.ConfigDict(config_dict)
     if os.path.isdir(self._cwd):
       os.chdir(self._cwd)  # Tune starts trials in their own log folder.
+    for stream in self._lines:
+      stream.tag = f'[{self._name}] '
+    os.makedirs(self._workdir, exist_ok=True)
+    console.log_to_file(self._workdir)
     self._records: queue.Queue = queue.Queue()  # training -> step()
     self._go: queue.Queue = queue.Queue()  # step() -> training: stop?
     self._thread: threading.Thread | None = None  # started by step()
@@ -73,10 +90,14 @@ class PointTrainable(tune.Trainable):
 
   def _train(self):
     try:
-      result = train.train_and_evaluate(self._config, self._workdir,
-                                        on_epoch=self._on_epoch)
+      result = train.train_and_evaluate(
+          self._config, self._workdir, on_epoch=self._on_epoch,
+          hooks=train.default_hooks(self._config, print_overview=False))
       self._records.put(('end', result))
     except BaseException as e:  # pylint: disable=broad-except
+      # The traceback in the point's log.txt (and Tune's error.txt), not on
+      # the console: its line there is the driver's (`PointEnd`).
+      logging.info('The point failed.', exc_info=True)
       self._records.put(('error', e))
 
   def step(self) -> dict[str, Any]:
@@ -129,6 +150,49 @@ class PointTrainable(tune.Trainable):
       self._thread.join()
 
 
+def _quiet_console(verbosity: int | None) -> tuple[_Tagged, _Tagged]:
+  """Sets up this trial process's console as `launch.py` does a run's (once
+  per process); returns its stdout and stderr, which tag lines by point."""
+  if not isinstance(sys.stdout, _Tagged):
+    if not flags.FLAGS.is_parsed():  # absl logs to stderr until parsed
+      flags.FLAGS(['trial'], known_only=True)
+      # As `absl.app.run` does: INFO, unless the driver asked for a level.
+      flags.FLAGS.verbosity = 0 if verbosity is None else verbosity
+    console.setup(verbose=verbosity is not None)
+    sys.stdout, sys.stderr = _Tagged(sys.stdout), _Tagged(sys.stderr)
+  return sys.stdout, sys.stderr
+
+
+class _Tagged(io.TextIOBase):
+  """A text stream that starts each line with `tag` (the running point's
+  name): Ray prefixes a trial's lines with its process, which runs one
+  point after another."""
+
+  def __init__(self, stream):
+    super().__init__()
+    self.stream, self.tag = stream, ''
+    self._line_start = True
+    self._lock = threading.Lock()
+
+  def write(self, s: str) -> int:
+    with self._lock:
+      parts = []
+      for line in s.splitlines(keepends=True):
+        parts.append(self.tag + line if self._line_start else line)
+        self._line_start = line.endswith(('\n', '\r'))
+      self.stream.write(''.join(parts))
+    return len(s)
+
+  def flush(self) -> None:
+    self.stream.flush()
+
+  def isatty(self) -> bool:
+    return self.stream.isatty()
+
+  def fileno(self) -> int:
+    return self.stream.fileno()
+
+
 # ------------------------------------------------------- on the driver
 
 class PointEnd(tune.Callback):
@@ -164,6 +228,13 @@ class PointEnd(tune.Callback):
     del iteration, info
     self._say(trials, trial,
               f'FAILED: {describe_error(trial, running=True)}')
+
+  def on_trial_recover(self, iteration, trials, trial, **info):
+    del iteration, trials, info
+    # Tune retries a failed point in a fresh process (`max_failures`).
+    print(f'{trial.config[POINT_KEY]}: attempt {trial.num_failures} failed '
+          f'({describe_error(trial, running=True)}); trying again.',
+          flush=True)
 
 
 def describe_error(trial, *, running: bool = False) -> str:

@@ -50,9 +50,11 @@ _STOP_WORDS = {'SIGTERM': 'Pre-empted (SIGTERM)', 'pre-empted': 'Pre-empted',
                'SIGINT': 'Interrupted', 'requested': 'Stopped early'}
 
 
-def default_hooks(config) -> list[base.Hook]:
-  """The hooks `train_and_evaluate` runs unless given others."""
-  hooks = [checkpoint.CheckpointHook(), summaries.SummaryHook()]
+def default_hooks(config, print_overview: bool = True) -> list[base.Hook]:
+  """The hooks `train_and_evaluate` runs unless given others; without
+  `print_overview`, the parameter table goes to the log, not the console."""
+  hooks = [checkpoint.CheckpointHook(),
+           summaries.SummaryHook(print_overview=print_overview)]
   if parallel.is_lead():  # one progress display per run, not per host
     hooks.append(progress.ProgressHook())
   if config.profile_steps > 0:

@@ -3,6 +3,7 @@
 
 import csv
 import glob
+import io
 import json
 import os
 import shutil
@@ -22,6 +23,7 @@ import tensorflow as tf
 
 from mnist_jax import sweep
 from mnist_jax import sweep_run
+from mnist_jax import sweep_trial
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RAY = os.path.join(os.path.dirname(sys.executable), 'ray')
@@ -96,6 +98,17 @@ def test_embedded_sweep_stops_early_records_failure_and_reruns(idx_dir,
   assert 'Ray: embedded, 1 node(s)' in out
   assert '1 of 3 points failed (batch_size=1024)' in proc.stderr
   assert '[3/3]' in out  # A line per point as it ends.
+  # The console: each epoch line tagged with its point; a line per failed
+  # attempt, not Tune's traceback of it; no parameter tables or TensorFlow
+  # notices (they are in each point's log.txt).
+  assert '[initial_learning_rate=0.001] Epoch   2 step     36:' in out
+  assert ('batch_size=1024: attempt 1 failed (ConfigError: config.batch_size'
+          in proc.stdout)
+  for noise in ('Traceback', 'Trial task failed', 'errored after',
+                'Configuration for experiment', 'Trials did not complete',
+                'conv1/kernel', 'oneDNN custom operations', 'os.fork()'):
+    assert noise not in out, noise
+  assert 'ray_tune/<point>/error.txt' in proc.stderr
   rows = _csv(workdir)
   good, bad = 'initial_learning_rate=0.001', 'initial_learning_rate=1e-07'
   assert [r['status'] for r in rows.values()] == [
@@ -103,6 +116,12 @@ def test_embedded_sweep_stops_early_records_failure_and_reruns(idx_dir,
   assert list(rows) == [good, bad, 'batch_size=1024']  # Ranked.
   assert rows['batch_size=1024']['error'].startswith(
       'ConfigError: config.batch_size=1024 is larger than the training split')
+  for name in (good, bad):
+    with open(os.path.join(workdir, name, 'log.txt')) as f:
+      log = f.read()
+    assert 'conv1/kernel' in log and 'Train 600 / validation' in log
+  with open(os.path.join(workdir, 'batch_size=1024', 'log.txt')) as f:
+    assert 'ConfigError: config.batch_size=1024' in f.read()  # traceback
   metrics = _metrics(workdir, good)  # Trained through train_and_evaluate.
   assert metrics['step'] == 36 and metrics['config']['weight_decay'] == 0
   assert float(rows[good]['best_validation_accuracy']) == max(
@@ -143,6 +162,21 @@ def test_embedded_sweep_stops_early_records_failure_and_reruns(idx_dir,
                     for n in (good, bad)}
   assert [r['status'] for r in _csv(workdir).values()] == [
       'done', 'stopped early', 'failed']
+
+
+def test_trial_lines_are_tagged_with_the_running_point():
+  """A trial process runs one point after another (Tune reuses it): each
+  line it prints starts with the point that printed it, however the writes
+  split it."""
+  out = io.StringIO()
+  lines = sweep_trial._Tagged(out)  # pylint: disable=protected-access
+  lines.tag = '[a=1] '
+  print('Epoch 1', 'done', file=lines)  # three writes, one line
+  lines.write('two\nlines\npartial ')
+  lines.tag = '[a=2] '  # the next point: the open line stays the first's
+  lines.write('end\nnext\n')
+  assert out.getvalue() == ('[a=1] Epoch 1 done\n[a=1] two\n[a=1] lines\n'
+                            '[a=1] partial end\n[a=2] next\n')
 
 
 _SIGTERM_AFTER_RAY_INIT = r"""

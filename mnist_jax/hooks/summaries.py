@@ -181,10 +181,13 @@ class SummaryHook(base.Hook):
   def on_train_start(self, run, state):
     self._pending = (run.workdir, not parallel.is_lead(),
                      flatten_config(run.config))
-    if self.print_overview and parallel.is_lead():
-      # Printed (not only logged) so it is seen whatever the absl log setup.
-      print(parameter_overview.get_parameter_overview(state.params),
-            flush=True)
+    if parallel.is_lead():
+      overview = parameter_overview.get_parameter_overview(state.params)
+      if self.print_overview:
+        # Printed (not only logged) so it is seen whatever the absl log setup.
+        print(overview, flush=True)
+      else:  # e.g. a sweep's points: in each one's log.txt, not the console
+        logging.info('Parameters:\n%s', overview)
     self._stats_fn = make_layer_stats_fn(run.model)
     self._stats_key = jax.random.fold_in(jax.random.key(run.config.seed),
                                          _SUMMARY_STREAM)

@@ -3,12 +3,9 @@
 import os
 import signal
 import socket
-import subprocess
-import sys
 
 import pytest
 
-from conftest import ROOT
 from conftest import hold_lock
 from mnist_jax import workdir
 from mnist_jax.errors import UserError

@@ -70,11 +70,15 @@ def default_workdir(config_path: str) -> str:
 
 def main(argv):
   if len(argv) > 1 and FLAGS.mode != 'predict':
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+    print(f'Error: Unexpected argument(s) {argv[1:]}: flags take the form '
+          '--name=value (image paths only with --mode predict).',
+          file=sys.stderr, flush=True)
+    sys.exit(2)
   console.setup()  # Log chatter off the console (before TF and JAX start).
   import jax  # pylint: disable=g-import-not-at-top
   from mnist_jax import tf_setup, train  # pylint: disable=g-import-not-at-top
   from mnist_jax import config_lib, parallel  # pylint: disable=g-import-not-at-top
+  from mnist_jax import checkpointing  # pylint: disable=g-import-not-at-top
   try:  # Bad values stop before any file is made; multi-host starts before
     # anything touches a JAX backend.
     config_lib.validate(FLAGS.config)
@@ -108,13 +112,20 @@ def main(argv):
                                        FLAGS.config, workdir,
                                        parallel=FLAGS.sweep_parallel,
                                        address=FLAGS.sweep_address))
+    if FLAGS.mode in ('eval', 'predict'):
+      # The run's own config (data, model, dtype), not the config file's
+      # defaults; what the command line sets wins.
+      config = checkpointing.run_config(
+          workdir, FLAGS.config, FLAGS['config'].override_values,
+          None if FLAGS.config.eval_step == -1 else FLAGS.config.eval_step)
+      config_lib.validate(config)
     if FLAGS.mode == 'predict':
       from mnist_jax import predict  # pylint: disable=g-import-not-at-top
-      sys.exit(predict.run(FLAGS.config, workdir, FLAGS.image + argv[1:]))
+      sys.exit(predict.run(config, workdir, FLAGS.image + argv[1:]))
     if FLAGS.mode != 'train':
       from mnist_jax import evaluate  # pylint: disable=g-import-not-at-top
       if FLAGS.mode == 'eval':
-        evaluate.evaluate_checkpoint(FLAGS.config, workdir)
+        evaluate.evaluate_checkpoint(config, workdir)
       else:
         evaluate.print_checkpoints(workdir)
       return

@@ -170,7 +170,9 @@ def restore_latest_good(manager, restore_fn: Callable[[int], Any],
       raise
     except Exception as e:  # pylint: disable=broad-except
       path = step_dir(manager, step)
-      reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+      reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+      # (TensorStore appends a long spec of the array: not for the console.)
+      reason = reason.split('. See full TensorStore details')[0][:200]
       warn(f'checkpoint {path} is unreadable ({type(e).__name__}: {reason});'
            ' falling back to the previous one. It is kept, not deleted.')
       bad.append(step)
@@ -296,6 +298,55 @@ def _leaves(tree: dict[str, Any], prefix: str = '') -> dict[str, Any]:
     else:
       out[name] = value
   return out
+
+
+def run_config(workdir: str, config, overrides=(), step: int | None = None):
+  """The config of the run that wrote `workdir`'s checkpoints, for
+  evaluating or predicting with it (`launch.py --mode eval/predict`).
+
+  Args:
+    workdir: the training run's workdir.
+    config: the command line's config: its `overrides` (dotted field names
+      given as `--config.<field>=...`) win over the run's values, and fields
+      the run's config lacks (added to the code since) keep its values.
+    overrides: see `config`.
+    step: whose saved config (default: the latest readable checkpoint's).
+
+  Returns:
+    A copy of `config` holding the run's values; `config` itself if no
+    checkpoint's config can be read (the restore then says why).
+  """
+  manager = create_manager(require_checkpoints(workdir), read_only=True)
+  saved = None
+  try:
+    steps = sorted(manager.all_steps(), reverse=True)
+    for s in ([step] if step in steps else steps):
+      try:
+        saved = restore_items(manager, s).config
+        break
+      except Exception:  # pylint: disable=broad-except
+        continue  # unreadable: the restore of the parameters reports it
+  finally:
+    manager.close()
+  if saved is None:
+    return config
+  merged = config.copy_and_resolve_references()
+  now = _leaves(config_json(config))
+  for field, value in _leaves(saved).items():
+    if field not in now or field in overrides or now[field] == value:
+      continue
+    *parents, leaf = field.split('.')
+    node = merged
+    for parent in parents:
+      node = node[parent]
+    if isinstance(node[leaf], tuple) and isinstance(value, list):
+      value = tuple(value)  # JSON has no tuples
+    try:
+      node[leaf] = value
+    except (TypeError, ValueError):  # the field's type changed since
+      logging.info('Not taking %s=%r from the run: it no longer fits.',
+                   field, value)
+  return merged
 
 
 def run_identity_diffs(saved: dict[str, Any], config) -> list[str]:

@@ -48,6 +48,13 @@ def validate(config) -> None:
         'learning_rate_decay_factor', 'must be in (0, 1].')
   check(config.num_epochs_per_decay > 0, 'num_epochs_per_decay', 'must be > 0.')
   check(config.weight_decay >= 0, 'weight_decay', 'must be >= 0.')
+  for field in ('adam_b1', 'adam_b2'):
+    check(0 <= get(config, field) < 1, field, 'must be in [0, 1).')
+  check(config.adam_eps > 0, 'adam_eps', 'must be > 0.')
+  # JAX keeps a key's low 32 bits (2**32 would train as seed 0), and numpy's
+  # generators (the summaries' samples) refuse negative seeds.
+  check(is_int(config.seed) and 0 <= config.seed < 2**32, 'seed',
+        'must be an integer in [0, 2**32).')
   check(0 < config.dropout_keep_prob <= 1, 'dropout_keep_prob',
         'must be in (0, 1] (1 disables dropout).')
   check(config.num_train_steps == -1 or config.num_train_steps > 0,
@@ -77,12 +84,18 @@ def validate(config) -> None:
         'use -1 (the latest checkpoint) or a saved step (see --mode info).')
 
 
-def validate_against_data(config, num_train: int) -> None:
-  """Checks what needs the dataset size (batch no larger than the split)."""
+def validate_against_data(config, num_train: int,
+                          max_label: int | None = None) -> None:
+  """Checks what needs the data: the batch no larger than the training split,
+  and (given the largest label) a class for every label."""
   if config.batch_size > num_train:
     raise ConfigError(
         f'config.batch_size={config.batch_size} is larger than the training '
         f'split ({num_train} images); use at most {num_train}.')
+  if max_label is not None and max_label >= config.num_classes:
+    raise ConfigError(
+        f'config.num_classes={config.num_classes}: the data has label '
+        f'{max_label}; use at least {max_label + 1}.')
 
 
 def validate_against_devices(config, num_devices: int,

@@ -24,6 +24,7 @@ import os
 import re
 import sys
 import threading
+import traceback
 
 from absl import flags
 from absl import logging as absl_logging
@@ -34,7 +35,7 @@ FLAGS = flags.FLAGS
 LOG_FILE = 'log.txt'
 # Libraries whose log records, warnings and errors included, go to the log
 # file only unless the console was asked for them (`--verbosity`).
-QUIET_LIBRARIES = ('orbax',)
+QUIET_LIBRARIES = ('orbax', 'tensorflow_datasets')
 # What is kept in memory until the log file is known (and for runs that have
 # none: eval, info, predict); beyond it, records go to the log file only.
 MAX_BUFFERED_CHARS = 1 << 20
@@ -76,6 +77,7 @@ def setup(verbose: bool | None = None) -> None:
   if not verbose:
     # TensorFlow's and XLA's C++ INFO lines (oneDNN notices and the like).
     os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
+    sys.unraisablehook = _unraisable_to_log
   if FLAGS['logtostderr'].value:
     return  # absl writes every record to stderr only: nothing to route.
   absl_logging.use_absl_handler()
@@ -227,6 +229,16 @@ def _write_to_log(text: str) -> None:
       python_handler.stream.write(text)
   finally:
     python_handler.release()
+
+
+def _unraisable_to_log(unraisable) -> None:
+  """Python's 'Exception ignored in ...' reports go to the log: errors no
+  caller can catch, in a library's clean-up (e.g. orbax's unfinished reads
+  of a corrupt checkpoint, reported at exit after the run said what failed)."""
+  where = ('' if unraisable.object is None
+           else f'Exception ignored in: {unraisable.object!r}\n')
+  _write_to_log(where + ''.join(traceback.format_exception(
+      unraisable.exc_type, unraisable.exc_value, unraisable.exc_traceback)))
 
 
 class _Buffer(io.StringIO):

@@ -33,7 +33,9 @@ def evaluate_checkpoint(config, workdir: str) -> dict[str, Any]:
 
   Returns:
     The record written to `<workdir>/eval/metrics.json`: step, checkpoint
-    path, devices, and validation_/test_ loss and accuracy.
+    path, devices, and validation_/test_ loss and accuracy (and, with
+    `config.write_report`, the checkpoint's report in `<workdir>/eval/report`;
+    the training run's own `<workdir>/report` is left as it is).
   """
   checkpointing.require_checkpoints(workdir)  # before loading any data
   run = train.setup(config, workdir)
@@ -51,7 +53,8 @@ def evaluate_checkpoint(config, workdir: str) -> dict[str, Any]:
   if parallel.is_lead():  # every process evaluates; one writes
     if config.write_report:
       record['report'] = report.write_report(workdir, config, params,
-                                             test=run.data.test)
+                                             test=run.data.test,
+                                             evaluated=record)
     os.makedirs(os.path.join(workdir, 'eval'), exist_ok=True)
     with open(os.path.join(workdir, 'eval', 'metrics.json'), 'w') as f:
       json.dump(record, f, indent=1)
@@ -67,9 +70,9 @@ def list_checkpoints(workdir: str) -> list[dict[str, Any]]:
 
   Returns:
     One dict per checkpoint: step, path, time (ISO, when the save completed),
-    reason (periodic / final / preempted), metrics (the record of the epoch
-    that ended at that step, if any; empty otherwise) or an 'error' if its
-    run record cannot be read.
+    reason (periodic / final / preempted / interrupted / stopped), metrics
+    (the record of the epoch that ended at that step, if any; empty
+    otherwise) or an 'error' if its run record cannot be read.
   """
   directory = checkpointing.require_checkpoints(workdir)
   manager = checkpointing.create_manager(directory, read_only=True)
@@ -95,7 +98,7 @@ def print_checkpoints(workdir: str) -> None:
   rows = list_checkpoints(workdir)
   print(f'{len(rows)} checkpoint(s) in '
         f'{checkpointing.checkpoint_dir(workdir)}:')
-  print(f"{'step':>8}  {'saved at':19}  {'reason':9}  metrics")
+  print(f"{'step':>8}  {'saved at':19}  {'reason':11}  metrics")
   for r in rows:
     if 'error' in r:
       print(f"{r['step']:>8}  unreadable: {r['error']}")
@@ -104,7 +107,7 @@ def print_checkpoints(workdir: str) -> None:
     shown = ', '.join(
         f'{k} {metrics_lib.format_value(k, m[k])}' for k in ('train_loss', 'train_accuracy', 'validation_accuracy',
                   'test_accuracy') if k in m) or '-'
-    print(f"{r['step']:>8}  {r['time']:19}  {r['reason']:9}  {shown}")
+    print(f"{r['step']:>8}  {r['time']:19}  {r['reason']:11}  {shown}")
   # Saves cut short (killed process): orbax never renamed them into place.
   directory = checkpointing.checkpoint_dir(workdir)
   partial = sorted(n for n in os.listdir(directory) if 'tmp' in n)

@@ -93,8 +93,8 @@ def load(config) -> Mnist:
   n_val = config.data.num_validation
   if not 0 < n_val < len(train):
     raise DataError(
-        f'data.num_validation={n_val} must be in (0, {len(train)}): the '
-        f'training split has only {len(train)} images.')
+        f'config.data.num_validation={n_val} must be in (0, {len(train)}):'
+        f' the training split has only {len(train)} images.')
   return Mnist(
       train=Split(train.images[n_val:], train.labels[n_val:]),
       validation=Split(train.images[:n_val], train.labels[:n_val]),
@@ -127,7 +127,7 @@ def _load_tfds(data_dir: str, download: bool | str) -> tuple[Split, Split]:
         and builder.is_prepared())
   except Exception as e:  # pylint: disable=broad-except
     raise DataError(f'Cannot open the TFDS data dir {where} '
-                    f'({type(e).__name__}: {str(e)[:160]}). {_HOW_TO_FIX}'
+                    f'({_brief(e)}). {_HOW_TO_FIX}'
                     ) from None
   if missing:
     _download_and_prepare(builder, where)
@@ -144,11 +144,20 @@ def _load_tfds(data_dir: str, download: bool | str) -> tuple[Split, Split]:
       never = '' if download else (
           ' (config.data.download=false: nothing is downloaded)')
       raise DataError(f'Cannot read MNIST (TFDS mnist/{name}) from {where}'
-                      f'{never}: {type(e).__name__}: {str(e)[:160]}. '
+                      f'{never}: {_brief(e)}. '
                       f'{_HOW_TO_FIX}') from None
     splits.append(_make_split(np.concatenate(images), np.concatenate(labels),
                               f'TFDS mnist/{name}'))
   return splits[0], splits[1]
+
+
+def _brief(e: BaseException, limit: int = 200) -> str:
+  """'Type: first line of the message', cut at a word within `limit`."""
+  lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+  text = lines[0] if lines else ''
+  if len(text) > limit:
+    text = text[:limit].rsplit(' ', 1)[0].rstrip('.,;:') + ' ...'
+  return f'{type(e).__name__}: {text}' if text else type(e).__name__
 
 
 def _download_and_prepare(builder, where: str) -> None:
@@ -176,8 +185,7 @@ def _download_and_prepare(builder, where: str) -> None:
   try:
     builder.download_and_prepare()
   except Exception as e:  # pylint: disable=broad-except
-    text = str(e).splitlines()[0][:160] if str(e) else ''
-    raise offline(f'{type(e).__name__}: {text}') from None
+    raise offline(_brief(e)) from None
   print(f'MNIST downloaded and prepared in {where} in '
         f'{time.perf_counter() - t0:.0f} s.', flush=True)
 

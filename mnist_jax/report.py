@@ -78,8 +78,9 @@ def plot_learning_curves(curves, path: str) -> None:
     for split in SPLITS:
       if metric in curves[split]:
         steps, values = curves[split][metric]
-        ax.plot(steps, values, marker='' if split == 'train' else 'o',
-                label=split)
+        # (A curve of one point is drawn only by its marker.)
+        ax.plot(steps, values, label=split,
+                marker='' if split == 'train' and len(steps) > 1 else 'o')
     ax.set_xlabel('step')
     ax.set_ylabel(metric)
     if metric == 'loss':
@@ -140,7 +141,8 @@ def plot_misclassified(images, labels, probs, path: str,
 
 
 def write_report(workdir: str, config, params, *, test=None,
-                 history: dict | None = None) -> str:
+                 history: dict | None = None,
+                 evaluated: dict | None = None) -> str:
   """Writes `<workdir>/report/` (see the module docstring).
 
   Args:
@@ -150,11 +152,15 @@ def write_report(workdir: str, config, params, *, test=None,
     test: the test `input_pipeline.Split`; loaded from `config` if None.
     history: the loop's result (metrics.json contents); read from the
       workdir if None and the file exists.
+    evaluated: `--mode eval`'s record of the checkpoint `params` come from
+      (its step and validation_/test_ metrics): the report describes that
+      checkpoint and goes to `<workdir>/eval/report/`, leaving the training
+      run's report as it is.
 
   Returns:
     The report directory.
   """
-  out = os.path.join(workdir, 'report')
+  out = os.path.join(workdir, *(('eval',) if evaluated else ()), 'report')
   os.makedirs(out, exist_ok=True)
   if history is None:
     path = os.path.join(workdir, 'metrics.json')
@@ -178,10 +184,17 @@ def write_report(workdir: str, config, params, *, test=None,
   plot_confusion_matrix(cm, os.path.join(out, 'confusion_matrix.png'))
   mistakes = plot_misclassified(test.images, labels, probs,
                                 os.path.join(out, 'misclassified.png'))
-  final = dict((history or {}).get('final', {}))
+  if evaluated:
+    final = {k: v for k, v in evaluated.items()
+             if k.startswith(('validation_', 'test_'))}
+    step = f'Evaluated the checkpoint at step {evaluated["step"]}.'
+  else:
+    final = dict((history or {}).get('final', {}))
+    step = (history or {}).get('step')
+    step = f'Trained for {step} steps.' if step is not None else None
   final.update(test_loss=loss, test_accuracy=accuracy)
   _write_markdown(os.path.join(out, 'report.md'), config, final, cm,
-                  mistakes, (history or {}).get('step'))
+                  mistakes, step)
   logging.info('Report written to %s', out)
   return out
 
@@ -189,8 +202,8 @@ def write_report(workdir: str, config, params, *, test=None,
 def _write_markdown(path, config, final, cm, mistakes, step) -> None:
   per_class = np.diag(cm) / np.maximum(cm.sum(1), 1)
   lines = ['# mnist_jax report', '']
-  if step is not None:
-    lines += [f'Trained for {step} steps.', '']
+  if step:
+    lines += [step, '']
   lines += ['## Final metrics', '', '| metric | value |', '|---|---|']
   for k, v in sorted(final.items()):
     lines.append(f'| {k} | {metrics_lib.format_value(k, v)} |')

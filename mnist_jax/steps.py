@@ -218,11 +218,15 @@ def make_eval_fn(model: models.CNN, mesh):
 
 def device_eval_split(split: input_pipeline.Split, eval_batch_size: int, mesh):
   """A split padded to whole batches, as [num_batches, batch, ...] arrays on
-  the devices, each batch sharded along 'data'."""
-  padded = input_pipeline.pad_to_multiple(split, eval_batch_size)
+  the devices, each batch sharded along 'data'. A batch is no larger than the
+  split (rounded up to a multiple of the devices): a larger one would only
+  be padding, as much memory as the batch asks for."""
+  n = mesh.devices.size
+  batch = min(eval_batch_size, -(-len(split) // n) * n)
+  padded = input_pipeline.pad_to_multiple(split, batch)
   return parallel.put_sharded_batches(
-      {k: v.reshape((-1, eval_batch_size) + v.shape[1:])
-       for k, v in padded.items()}, mesh)
+      {k: v.reshape((-1, batch) + v.shape[1:]) for k, v in padded.items()},
+      mesh)
 
 
 def evaluate(eval_fn, params, device_split) -> dict[str, float]:

@@ -117,7 +117,9 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> base.Run:
                                       jax.process_count())
   data = input_pipeline.load(config)
   num_train = len(data.train)
-  config_lib.validate_against_data(config, num_train)
+  config_lib.validate_against_data(
+      config, num_train, max(int(split.labels.max()) for split in (
+          data.train, data.validation, data.test) if len(split)))
   spe = optimizer.steps_per_epoch(config, num_train)
   total_steps = config.num_epochs * spe
   if config.num_train_steps > 0:

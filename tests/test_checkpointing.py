@@ -132,10 +132,10 @@ def test_fine_tuning_errors(reference, tmp_path):
   config, workdir, _, _ = reference
   tuned = config.copy_and_resolve_references()
   tuned.init_from = workdir
-  tuned.num_classes = 5
+  tuned.num_classes = 12  # (fewer than the labels 0-9 is a ConfigError)
   with pytest.raises(CheckpointError,
                      match=r'fc4/kernel: checkpoint \(1, 1, 1024, 10\) vs '
-                     r'model \(1, 1, 1024, 5\).*num_classes'):
+                     r'model \(1, 1, 1024, 12\).*num_classes'):
     _start(tuned, str(tmp_path / 'a'))
   tuned.num_classes = 10
   tuned.init_from = str(tmp_path / 'nothing')
@@ -217,6 +217,24 @@ def test_corrupt_latest_falls_back_and_is_kept(reference, tmp_path, capsys):
                      'deleted'):
     _start(config, work)
   assert ckpt_util.steps(work) == [30]
+  # Through `launch.py --mode eval`, with the data scrambled rather than cut:
+  # the warning and the error, not orbax's unfinished reads reporting their
+  # errors at exit ('Exception ignored in ...', tracebacks).
+  work = str(tmp_path / 'scrambled')
+  ckpt_util.copy_steps(workdir, work, [30])
+  for root, _, files in os.walk(os.path.join(work, 'checkpoints', '30',
+                                             'state')):
+    for name in files if os.path.basename(root) == 'd' else ():  # the data
+      path = os.path.join(root, name)
+      with open(path, 'r+b') as f:
+        data = bytearray(f.read())
+        data[::7] = bytes(b ^ 0x5a for b in data[::7])
+        f.seek(0)
+        f.write(data)
+  p = ckpt_util.launch(work, config, '--mode=eval')
+  assert p.returncode == 2
+  assert [l.split()[0] for l in p.stderr.splitlines()] == ['Warning:',
+                                                           'Error:'], p.stderr
 
 
 class _NaNLearningRateFrom(base.Hook):
@@ -545,3 +563,17 @@ def test_checkpoint_of_the_code_before_layering_resumes_and_evaluates(
   assert result['final'] == ref_result['final']
   ckpt_util.assert_bitwise_equal(ckpt_util.saved_params(workdir), ref_params)
 
+
+
+def test_resuming_past_the_end_says_there_is_nothing_to_train(
+    reference, tmp_path, capsys):
+  config, workdir, _, _ = reference
+  work = str(tmp_path / 'w')
+  ckpt_util.copy_steps(workdir, work, [36])
+  config = config.copy_and_resolve_references()
+  config.num_train_steps = 20  # the checkpoint is at 36
+  result = train.train_and_evaluate(config, work)
+  out = capsys.readouterr().out
+  assert ('Nothing to train: the run ends at step 20 (num_epochs=2, '
+          'num_train_steps=20)') in out
+  assert result['step'] == 36 and ckpt_util.steps(work) == [36]

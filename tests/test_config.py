@@ -46,6 +46,11 @@ def test_unknown_config_arg():
     ('profile_steps', -1, 'profile_steps=-1'),
     ('eval_step', -2, 'eval_step=-2'),
     ('checkpoint_every_steps', -5, 'checkpoint_every_steps=-5'),
+    ('adam_b1', 1.5, r'adam_b1=1.5: must be in \[0, 1\)'),
+    ('adam_b2', -0.1, 'adam_b2=-0.1'),
+    ('adam_eps', -1.0, 'adam_eps=-1.0: must be > 0'),
+    ('seed', -1, r'seed=-1: must be an integer in \[0, 2\*\*32\)'),
+    ('seed', 2**40, 'seed=1099511627776'),  # would train as seed 0
 ])
 def test_invalid_values_rejected(field, value, message):
   c = default.get_config()
@@ -65,6 +70,18 @@ def test_batch_larger_than_training_split_rejected_before_training(
   monkeypatch.setattr(steps, 'create_train_state',
                       lambda *a, **k: called.append(1))
   with pytest.raises(ConfigError, match='larger than the training split'):
+    train.train_and_evaluate(tiny_config, str(tmp_path))
+  assert not called
+
+
+def test_labels_beyond_num_classes_rejected_before_training(
+    tiny_config, monkeypatch, tmp_path):
+  tiny_config.num_classes = 3  # the generated data has the labels 0-9
+  called = []
+  monkeypatch.setattr(steps, 'create_train_state',
+                      lambda *a, **k: called.append(1))
+  with pytest.raises(ConfigError, match='num_classes=3: the data has label 9;'
+                     ' use at least 10'):
     train.train_and_evaluate(tiny_config, str(tmp_path))
   assert not called
 

@@ -81,14 +81,20 @@ def test_evaluation_counts_every_example_exactly_once(tiny_config):
   params = models.init_params(model, jax.random.key(0))
   split = steps.device_eval_split(data.test, 64, mesh)
   assert split['image'].shape[:2] == (4, 64)
-  metrics = jax.device_get(steps.make_eval_fn(model, mesh)(params, split))
-  assert int(metrics.accuracy.count) == 230
-  assert int(metrics.loss.count) == 230
+  # A batch larger than the split is the split (rounded to the devices):
+  # eval_batch_size=100000 asked for 100,000 padded images per batch.
+  whole = steps.device_eval_split(data.test, 100_000, mesh)
+  n = mesh.devices.size
+  assert whole['image'].shape[:2] == (1, -(-230 // n) * n)
   logits = model.apply({'params': params}, data.test.images / 255.0,
                        train=False)
   expected = np.mean(np.argmax(logits, -1) == data.test.labels)
-  np.testing.assert_allclose(float(metrics.accuracy.compute()), expected,
-                             rtol=1e-6)
+  for split in (split, whole):
+    metrics = jax.device_get(steps.make_eval_fn(model, mesh)(params, split))
+    assert int(metrics.accuracy.count) == 230
+    assert int(metrics.loss.count) == 230
+    np.testing.assert_allclose(float(metrics.accuracy.compute()), expected,
+                               rtol=1e-6)
 
 
 def test_missing_idx_folder_clear_error(tmp_path, tiny_config):

@@ -63,6 +63,9 @@ def test_ctrl_c_saves_at_the_step_and_the_same_command_resumes(idx_dir,
   manager = checkpointing.create_manager(
       checkpointing.checkpoint_dir(workdir), read_only=True)
   assert step in manager.all_steps()
+  # `--mode info` lists it as what it was, not as a pre-emption.
+  assert checkpointing.restore_items(manager, step).run['reason'] == (
+      'interrupted')
   manager.close()
 
   resumed = _start(workdir, config, '--config.num_epochs=3')

@@ -279,3 +279,36 @@ def test_launch_predict_restores_the_run_and_names_bad_files(run, tmp_path):
                                         r'\d: [\d.]+%, \d: [\d.]+%\)$',
                                         line[0]), out
   assert f'Error: {tmp_path / "broken.png"}: cannot read image' in proc.stderr
+
+
+def test_launch_eval_takes_the_runs_config_and_keeps_its_report(run):
+  """`--mode eval` with only the config file evaluates the run as trained
+  (its data source, split and model from its checkpoint, not the file's
+  defaults), what the command line sets wins, and the checkpoint's report
+  goes to eval/report, leaving the training run's report as it was."""
+  with open(os.path.join(run.workdir, 'report', 'report.md')) as f:
+    train_report = f.read()
+  command = [sys.executable, os.path.join(ROOT, 'launch.py'),
+             '--config', os.path.join(ROOT, 'configs', 'default.py'),
+             '--workdir', run.workdir, '--mode', 'eval']
+  proc = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                        cwd=ROOT)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  final = run.result['final']
+  assert (f'Final test accuracy: {final["test_accuracy"]:.2%}'
+          in proc.stdout), proc.stdout
+  with open(os.path.join(run.workdir, 'eval', 'metrics.json')) as f:
+    record = json.load(f)
+  assert record['step'] == TOTAL
+  for key in ('validation_loss', 'validation_accuracy', 'test_loss'):
+    assert record[key] == pytest.approx(final[key], rel=1e-5), key
+  with open(os.path.join(run.workdir, 'eval', 'report', 'report.md')) as f:
+    text = f.read()
+  assert f'Evaluated the checkpoint at step {TOTAL}.' in text
+  assert 'source: idx' in text and 'batch_size: 32' in text
+  with open(os.path.join(run.workdir, 'report', 'report.md')) as f:
+    assert f.read() == train_report
+  proc = subprocess.run(command + ['--config.data.dir=/nonexistent/mnist'],
+                        capture_output=True, text=True, timeout=300, cwd=ROOT)
+  assert proc.returncode == 2 and '/nonexistent/mnist' in proc.stderr, (
+      proc.stderr[-2000:])

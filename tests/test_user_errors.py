@@ -53,6 +53,11 @@ CASES = [
      'Error: Cannot load config file'),
     ('invalid_value', ['--config.batch_size=0'],
      'Error: config.batch_size=0: must be a positive integer.'),
+    ('negative_seed', ['--config.seed=-1'],
+     'Error: config.seed=-1: must be an integer in [0, 2**32).'),
+    ('stray_argument', ['extra'],
+     "Error: Unexpected argument(s) ['extra']: flags take the form "
+     '--name=value'),
     ('workdir_is_a_file', ['--workdir={tmp}/a_file'],
      'Error: --workdir {tmp}/a_file is a file, not a directory'),
     ('workdir_under_a_file', ['--workdir={tmp}/a_file/run'],

@@ -34,6 +34,11 @@ from mnist_jax.hooks import base
 _FAULT_ENV = 'MNIST_JAX_TEST_FAULT'
 
 
+# Why a stop's save was made, as `--mode info` lists it; other stops (SIGTERM,
+# JAX's pre-emption notice) are 'preempted'.
+_SAVE_REASONS = {'SIGINT': 'interrupted', 'requested': 'stopped'}
+
+
 class CheckpointHook(base.Hook):
   """Resume, fine-tune and save with one orbax CheckpointManager."""
   order = 0  # first: the state it may restore is what the others see
@@ -72,6 +77,12 @@ class CheckpointHook(base.Hook):
       self.history = list(restored.run.get('history', []))
       self.last_saved = os.path.join(directory, str(step))
       parallel.say(f'Resuming from step {step} ({self.last_saved}).')
+      if step >= run.total_steps:
+        parallel.say(
+            f'Nothing to train: the run ends at step {run.total_steps} '
+            f'(num_epochs={run.config.num_epochs}, num_train_steps='
+            f'{run.config.num_train_steps}); raise them to train on. '
+            f'Evaluating step {step}.')
       return base.Update(state=state.replace(**restored.state),
                          history=list(self.history),
                          checkpoint=self.last_saved)
@@ -107,7 +118,8 @@ class CheckpointHook(base.Hook):
   def on_stop(self, run, step, state, reason):
     update = None
     if self._saved_step != step:  # not already saved at this very step
-      update = self._save(run, step, state, reason='preempted')
+      update = self._save(run, step, state, reason=_SAVE_REASONS.get(
+          reason, 'preempted'))
     self._wait()  # on disk before the process ends
     return update
 

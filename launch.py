@@ -48,6 +48,10 @@ flags.DEFINE_bool(
 flags.DEFINE_integer(
     'sweep_parallel', 1, 'With --sweep: points per machine (CPU-only) or per '
     'GPU sharing it; see docs/sweeps.md.')
+flags.DEFINE_integer(
+    'sweep_retries', 2, 'With --sweep: how many more times a failed point is '
+    "tried, in a fresh process, from its checkpoints (a sweep's re-run keeps "
+    'its first run\'s value).')
 flags.DEFINE_string(
     'sweep_address', None, 'With --sweep: the Ray cluster to run the points '
     'on (host:port); default $RAY_ADDRESS, else Ray embedded in this run.')
@@ -95,8 +99,10 @@ def main(argv):
     if FLAGS.sweep and FLAGS.mode != 'train':
       raise UserError(f'--sweep trains its points; it does not combine with '
                       f'--mode {FLAGS.mode} (run that on a point\'s workdir).')
-    if not FLAGS.sweep and (FLAGS.sweep_parallel != 1 or FLAGS.sweep_address):
-      raise UserError('--sweep_parallel and --sweep_address need --sweep.')
+    if not FLAGS.sweep and (FLAGS.sweep_parallel != 1 or FLAGS.sweep_address
+                            or FLAGS['sweep_retries'].present):
+      raise UserError('--sweep_parallel, --sweep_retries and --sweep_address '
+                      'need --sweep.')
     if FLAGS.mode == 'train':  # One run per workdir (held until exit).
       workdir_lib.claim(workdir, enabled=parallel.is_lead())
       console.log_to_file(workdir, jax.process_index())
@@ -111,7 +117,8 @@ def main(argv):
       sys.exit(sweep_run.run_from_file(flags.FLAGS['config'].config_filename,
                                        FLAGS.config, workdir,
                                        parallel=FLAGS.sweep_parallel,
-                                       address=FLAGS.sweep_address))
+                                       address=FLAGS.sweep_address,
+                                       retries=FLAGS.sweep_retries))
     if FLAGS.mode in ('eval', 'predict'):
       # The run's own config (data, model, dtype), not the config file's
       # defaults; what the command line sets wins.

@@ -43,6 +43,13 @@ MAY_CHANGE_ON_RESUME = (
     'distributed', 'data.dir', 'data.download', 'data.cache_dir')
 
 
+# Fields `run_config` leaves as the command line has them: how this machine
+# runs the same function, not what the run was.
+THIS_MACHINE = ('lowering', 'parallelism', 'distributed',
+                'compilation_cache_dir', 'data.cache_dir', 'eval_step',
+                'profile_steps')
+
+
 def checkpoint_dir(workdir: str) -> str:
   """`<workdir>/checkpoints`."""
   return os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
@@ -307,8 +314,9 @@ def run_config(workdir: str, config, overrides=(), step: int | None = None):
   Args:
     workdir: the training run's workdir.
     config: the command line's config: its `overrides` (dotted field names
-      given as `--config.<field>=...`) win over the run's values, and fields
-      the run's config lacks (added to the code since) keep its values.
+      given as `--config.<field>=...`) win over the run's values; its
+      `THIS_MACHINE` fields and those the run's config lacks (added to the
+      code since) are kept.
     overrides: see `config`.
     step: whose saved config (default: the latest readable checkpoint's).
 
@@ -333,7 +341,9 @@ def run_config(workdir: str, config, overrides=(), step: int | None = None):
   merged = config.copy_and_resolve_references()
   now = _leaves(config_json(config))
   for field, value in _leaves(saved).items():
-    if field not in now or field in overrides or now[field] == value:
+    if (field not in now or field in overrides or now[field] == value
+        or any(field == f or field.startswith(f + '.')
+               for f in THIS_MACHINE)):
       continue
     *parents, leaf = field.split('.')
     node = merged

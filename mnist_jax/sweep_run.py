@@ -298,7 +298,8 @@ def run_sweep(config: ml_collections.ConfigDict, sweep: Any, workdir: str, *,
     parallel: points per machine (CPU-only) or per accelerator.
     address: a Ray cluster's address ('host:port', 'ray://...'); default
       `RAY_ADDRESS`, else an embedded single-machine cluster.
-    max_failures: retries of a point whose trial fails (e.g. lost its node).
+    max_failures: retries of a point whose trial fails (e.g. lost its node,
+      or raised); a re-run of the sweep keeps its first run's value.
 
   Returns:
     The rows of `<workdir>/sweep_results.csv`, ranked.
@@ -312,6 +313,9 @@ def run_sweep(config: ml_collections.ConfigDict, sweep: Any, workdir: str, *,
   if not isinstance(parallel, int) or parallel < 1:
     raise ConfigError(f'--sweep_parallel={parallel!r}: must be a positive '
                       'integer (points per machine or accelerator).')
+  if not isinstance(max_failures, int) or max_failures < 0:
+    raise ConfigError(f'--sweep_retries={max_failures!r}: must be an integer '
+                      '>= 0 (how many more times a failed point is tried).')
   plan = sweep_lib.validate_sweep(config, sweep.points)
   if ray is None:
     raise UserError(INSTALL_RAY)
@@ -336,7 +340,7 @@ def run_sweep(config: ml_collections.ConfigDict, sweep: Any, workdir: str, *,
 
 def run_from_file(config_filename: str, config: ml_collections.ConfigDict,
                   workdir: str, parallel: int = 1,
-                  address: str | None = None) -> int:
+                  address: str | None = None, retries: int = 2) -> int:
   """`launch.py --sweep`: runs the sweep of a config file, prints the table.
 
   Args:
@@ -346,6 +350,7 @@ def run_from_file(config_filename: str, config: ml_collections.ConfigDict,
     workdir: the sweep's directory.
     parallel: points per machine or accelerator.
     address: a Ray cluster's address; default `RAY_ADDRESS` or embedded.
+    retries: how many more times a failed point is tried (`max_failures`).
 
   Returns:
     The exit status: 0 if every point is done or stopped early, 1 if any
@@ -358,7 +363,7 @@ def run_from_file(config_filename: str, config: ml_collections.ConfigDict,
                 lambda *_: os.kill(os.getpid(), signal.SIGINT))
   try:
     rows = run_sweep(config, sweep, workdir, parallel=parallel,
-                     address=address)
+                     address=address, max_failures=retries)
   except KeyboardInterrupt:  # Before Tune took over Ctrl-C.
     print('Sweep interrupted; run the same command again to resume it.',
           file=sys.stderr, flush=True)

@@ -16,6 +16,7 @@ import pytest
 
 import ckpt_util
 import conftest
+from configs import default as configs_default
 from mnist_jax import checkpointing
 from mnist_jax import evaluate
 from mnist_jax import optimizer
@@ -577,3 +578,21 @@ def test_resuming_past_the_end_says_there_is_nothing_to_train(
   assert ('Nothing to train: the run ends at step 20 (num_epochs=2, '
           'num_train_steps=20)') in out
   assert result['step'] == 36 and ckpt_util.steps(work) == [36]
+
+
+def test_run_config_is_the_runs_with_the_command_lines_overrides(reference):
+  """`--mode eval/predict`'s config: the run's values over the config file's
+  defaults, except what the command line set and this machine's settings."""
+  config, workdir, _, _ = reference
+  command = configs_default.get_config()  # as `--config configs/default.py`
+  command.eval_batch_size = 50  # given as --config.eval_batch_size=50
+  command.lowering = 'reference'  # this machine's (not a run's) setting
+  del command['write_report']  # a field the run has and the code lost
+  command.data.num_validation = 5000  # a file default: the run's wins
+  got = checkpointing.run_config(workdir, command, {'eval_batch_size': 50})
+  assert got.data.source == 'idx' and got.data.dir == config.data.dir
+  assert got.data.num_validation == config.data.num_validation == 100
+  assert got.batch_size == config.batch_size
+  assert got.eval_batch_size == 50 and got.lowering == 'reference'
+  assert 'write_report' not in got
+  assert command.data.source == 'tfds'  # the command's config is untouched

@@ -86,7 +86,8 @@ def test_embedded_sweep_stops_early_records_failure_and_reruns(idx_dir,
       tests=os.path.join(ROOT, 'tests'), data=idx_dir))
   workdir = str(tmp_path / 'w')
   command = [sys.executable, 'launch.py', '--config', str(config_file),
-             '--sweep', '--workdir', workdir, '--config.weight_decay=0']
+             '--sweep', '--workdir', workdir, '--config.weight_decay=0',
+             '--sweep_retries=1']
   env = dict(os.environ)
   env.pop('RAY_ADDRESS', None)
   # In its own process: Ray's settings (e.g. its token authentication) stay
@@ -102,8 +103,9 @@ def test_embedded_sweep_stops_early_records_failure_and_reruns(idx_dir,
   # attempt, not Tune's traceback of it; no parameter tables or TensorFlow
   # notices (they are in each point's log.txt).
   assert '[initial_learning_rate=0.001] Epoch   2 step     36:' in out
+  # Tried again once (--sweep_retries=1), then recorded as failed.
   assert ('batch_size=1024: attempt 1 failed (ConfigError: config.batch_size'
-          in proc.stdout)
+          in proc.stdout) and 'attempt 2 failed' not in proc.stdout
   for noise in ('Traceback', 'Trial task failed', 'errored after',
                 'Configuration for experiment', 'Trials did not complete',
                 'conv1/kernel', 'oneDNN custom operations', 'os.fork()'):

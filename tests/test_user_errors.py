@@ -55,6 +55,9 @@ CASES = [
      'Error: config.batch_size=0: must be a positive integer.'),
     ('negative_seed', ['--config.seed=-1'],
      'Error: config.seed=-1: must be an integer in [0, 2**32).'),
+    ('sweep_flag_without_sweep', ['--sweep_retries=0'],
+     'Error: --sweep_parallel, --sweep_retries and --sweep_address need '
+     '--sweep.'),
     ('stray_argument', ['extra'],
      "Error: Unexpected argument(s) ['extra']: flags take the form "
      '--name=value'),

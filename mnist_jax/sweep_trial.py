@@ -192,6 +192,13 @@ class _Tagged(io.TextIOBase):
   def fileno(self) -> int:
     return self.stream.fileno()
 
+  @property
+  def encoding(self):
+    return self.stream.encoding
+
+  def __getattr__(self, name):  # the rest as the stream has it (`buffer`)
+    return getattr(self.stream, name)
+
 
 # ------------------------------------------------------- on the driver
 

@@ -13,8 +13,6 @@ import os
 
 from absl import logging
 import jax
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 import numpy as np
 
 from mnist_jax import input_pipeline
@@ -26,8 +24,19 @@ NUM_MISCLASSIFIED = 25  # A 5x5 grid.
 SPLITS = ('train', 'validation', 'test')
 
 
-def _save(fig: Figure, path: str) -> None:
+def _figure(**kwargs):
+  """A matplotlib Figure on the Agg canvas. matplotlib is imported here, at
+  first use: a run needs it only for its report, at the end, and importing
+  it with the module cost every `launch.py` ~0.5 s at start-up."""
+  # pylint: disable=g-import-not-at-top
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+  fig = Figure(**kwargs)
   FigureCanvasAgg(fig)
+  return fig
+
+
+def _save(fig, path: str) -> None:
   fig.savefig(path, dpi=100)
 
 
@@ -72,7 +81,7 @@ def learning_curves(workdir: str, history: dict | None):
 
 
 def plot_learning_curves(curves, path: str) -> None:
-  fig = Figure(figsize=(11, 4.2))
+  fig = _figure(figsize=(11, 4.2))
   for i, metric in enumerate(('loss', 'accuracy')):
     ax = fig.add_subplot(1, 2, i + 1)
     for split in SPLITS:
@@ -100,7 +109,7 @@ def confusion_matrix(labels, predicted, num_classes: int = 10) -> np.ndarray:
 
 
 def plot_confusion_matrix(cm: np.ndarray, path: str) -> None:
-  fig = Figure(figsize=(7, 6.3))
+  fig = _figure(figsize=(7, 6.3))
   ax = fig.add_subplot()
   ax.imshow(np.log1p(cm), cmap='Blues')
   for (t, p), count in np.ndenumerate(cm):
@@ -125,7 +134,7 @@ def plot_misclassified(images, labels, probs, path: str,
   shown = wrong[:num]
   cols = 5
   rows = max(1, -(-len(shown) // cols))
-  fig = Figure(figsize=(2 * cols, 2.3 * rows + 0.6))
+  fig = _figure(figsize=(2 * cols, 2.3 * rows + 0.6))
   if not len(shown):
     fig.text(0.5, 0.5, 'No test mistakes.', ha='center', va='center')
   for k, i in enumerate(shown):

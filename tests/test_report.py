@@ -85,7 +85,8 @@ def test_misclassified_orders_by_confidence(tmp_path, monkeypatch):
   probs = np.array([[0.9, 0.1], [0.3, 0.7], [0.05, 0.95], [0.4, 0.6]])
   labels = np.array([0, 0, 0, 1])
   shown = []
-  real_subplot = report.Figure.add_subplot
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+  real_subplot = Figure.add_subplot
 
   def add_subplot(fig, *args, **kwargs):
     ax = real_subplot(fig, *args, **kwargs)
@@ -93,7 +94,7 @@ def test_misclassified_orders_by_confidence(tmp_path, monkeypatch):
     ax.set_title = lambda t, **kw: (shown.append(t), real_title(t, **kw))
     return ax
 
-  monkeypatch.setattr(report.Figure, 'add_subplot', add_subplot)
+  monkeypatch.setattr(Figure, 'add_subplot', add_subplot)
   images = np.zeros((4, 28, 28, 1), np.uint8)
   n = report.plot_misclassified(images, labels, probs,
                                 str(tmp_path / 'm.png'))

@@ -60,7 +60,7 @@ def evaluate_checkpoint(config, workdir: str) -> dict[str, Any]:
       json.dump(record, f, indent=1)
   parallel.say(f"Checkpoint {record['checkpoint']}: validation accuracy "
                f"{record['validation_accuracy']:.2%}, test loss "
-               f"{record['test_loss']:.4f}")
+               f"{record['test_loss']:.4g}")
   parallel.say(f"Final test accuracy: {record['test_accuracy']:.2%}")
   return record
 

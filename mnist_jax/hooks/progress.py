@@ -80,7 +80,7 @@ class ProgressHook(base.Hook):
             initial=(first_step - (epoch - 1) * spe) * bs,
             desc=f'Epoch {epoch}/{num_epochs}', unit='img', unit_scale=True,
             file=self.stream, leave=True, dynamic_ncols=True)
-      self._bar.set_postfix(loss=f'{loss:.4f}', refresh=False)
+      self._bar.set_postfix(loss=f'{loss:.4g}', refresh=False)
       self._bar.update(n * bs)
       if last >= epoch_end:  # Closed before the loop prints the epoch line.
         self._bar.close()
@@ -102,7 +102,7 @@ class ProgressHook(base.Hook):
     steps_per_sec = (last - self._step0) / max(now - self._t0, 1e-9)
     eta = (run.total_steps - last) / max(steps_per_sec, 1e-9)
     print(f'Epoch {epoch}/{num_epochs} step {last}/{run.total_steps} '
-          f'({last / run.total_steps:.0%}) loss {loss:.4f} '
+          f'({last / run.total_steps:.0%}) loss {loss:.4g} '
           f'{steps_per_sec * run.config.batch_size:.0f} img/s '
           f'ETA {_format_secs(eta)}', file=self.stream, flush=True)
 

@@ -95,8 +95,12 @@ def scheduler(early_stopping: sweep_lib.EarlyStopping | None, max_epochs: int):
     return schedulers.ASHAScheduler(
         max_t=max(max_epochs, early_stopping.grace_epochs),
         reduction_factor=early_stopping.reduction_factor, **common)
+  # With too few points to compare, Tune's rule would pause a point for
+  # pending ones ('yielding time'), which saves and restores it through Tune's
+  # checkpoints: a point goes on instead, its own checkpoints in its workdir.
   return schedulers.MedianStoppingRule(
-      min_samples_required=early_stopping.min_samples, **common)
+      min_samples_required=early_stopping.min_samples,
+      min_time_slice=float('inf'), **common)
 
 
 # ------------------------------------------------------- same sweep again

@@ -26,6 +26,7 @@ import difflib
 import hashlib
 import importlib.util
 import itertools
+import json
 import math
 import os
 import re
@@ -365,15 +366,16 @@ def validate_sweep(config: ml_collections.ConfigDict,
 
   Raises:
     ConfigError: the sweep is empty or malformed, a key is unknown, a value
-      has the wrong type or fails `config_lib.validate`, or two points share
-      a name; the message names the point.
+      has the wrong type or fails `config_lib.validate`, or two points
+      train the same config; the message names the point. (Different
+      configs whose names collide get a hash after the second one's name.)
   """
   if isinstance(points, Mapping) or not isinstance(points, Sequence):
     raise ConfigError('get_sweep() must return a list of override dicts, got '
                       f'{type(points).__name__}.')
   if not points:
     raise ConfigError('The sweep has no points.')
-  out, seen = [], {}
+  out, seen, names = [], {}, set()  # seen: {config as JSON: its index}
   for i, point in enumerate(points):
     label = f'Sweep point {i + 1}/{len(points)}'
     if not isinstance(point, Mapping):
@@ -387,9 +389,13 @@ def validate_sweep(config: ml_collections.ConfigDict,
       config_lib.validate(point_config)
     except ConfigError as e:
       raise ConfigError(f'{label}: {e}') from None
-    if name in seen:
-      raise ConfigError(f'{label} repeats point {seen[name] + 1} (same '
-                        'sub-workdir name); remove the duplicate.')
-    seen[name] = i
+    trains = json.dumps(point_config.to_dict(), sort_keys=True, default=str)
+    if trains in seen:
+      raise ConfigError(f'{label} trains the same config as point '
+                        f'{seen[trains] + 1}; remove the duplicate.')
+    seen[trains] = i
+    if name in names:  # different configs, one folder name (e.g. a/b, a_b)
+      name = f'{name}~{hashlib.sha1(trains.encode()).hexdigest()[:8]}'
+    names.add(name)
     out.append((name, point, point_config))
   return out

@@ -91,10 +91,26 @@ def test_validation_accepts_int_for_float_and_keeps_base_config(tiny_config):
 
 @pytest.mark.parametrize('points, message', [
     ([], 'no points'), ({'seed': [1]}, 'must return a list'),
-    ([{'seed': 1}, {'seed': 1}], 'repeats point 1'), ([3], 'must be dicts')])
+    ([{'seed': 1}, {'seed': 1}], 'point 2/2 .* same config as point 1'),
+    # Equal configs written differently: key order, 1 and 1.0, the base's.
+    ([{'seed': 1, 'batch_size': 8}, {'batch_size': 8, 'seed': 1}],
+     'same config as point 1'),
+    ([{'initial_learning_rate': 1}, {'initial_learning_rate': 1.0}],
+     'same config as point 1'),
+    ([{}, {'batch_size': 32}], 'same config as point 1'),
+    ([3], 'must be dicts')])
 def test_malformed_sweeps(tiny_config, points, message):
   with pytest.raises(ConfigError, match=message):
     sweep.validate_sweep(tiny_config, points)
+
+
+def test_different_points_with_one_folder_name_get_distinct_folders(
+    tiny_config):
+  plan = sweep.validate_sweep(tiny_config, [{'data.cache_dir': '/tmp/a/b'},
+                                            {'data.cache_dir': '/tmp/a_b'}])
+  names = [name for name, _, _ in plan]
+  assert names[0] == 'data.cache_dir=_tmp_a_b'
+  assert names[1].startswith('data.cache_dir=_tmp_a_b~') and len(set(names)) == 2
 
 
 def test_shipped_sweep_is_valid():
@@ -157,8 +173,8 @@ def test_search_space_mistakes_are_one_line_errors(tiny_config):
     sweep.choice([])
   with pytest.raises(ConfigError, match='num_samples=0'):
     sweep.as_sweep(sweep.Random({'seed': [1]}, num_samples=0))
-  # A space too small for its samples repeats points: refused by name.
-  with pytest.raises(ConfigError, match='repeats point'):
+  # A space too small for its samples repeats points: refused.
+  with pytest.raises(ConfigError, match='same config as point'):
     sweep.validate_sweep(tiny_config, sweep.Random(
         {'seed': sweep.choice([1, 2])}, num_samples=3).points())
   with pytest.raises(ConfigError, match=r"unknown config key 'batch'"):

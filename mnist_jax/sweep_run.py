@@ -37,6 +37,11 @@ from mnist_jax import sweep_results
 from mnist_jax.errors import ConfigError
 from mnist_jax.errors import UserError
 
+# Ray folds lines of its processes that differ only in numbers into one
+# ('[repeated 6x across cluster]'): with points in parallel that dropped most
+# epoch lines, tagged with one point's name. Read when ray is imported.
+os.environ.setdefault('RAY_DEDUP_LOGS', '0')
+
 try:  # Ray is an optional extra; without it `--sweep` says what to install.
   import ray
   from ray import tune

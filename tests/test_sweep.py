@@ -320,3 +320,15 @@ def test_tables_rank_on_best_validation_not_test(tmp_path):
   assert md[6] == ('| 3 | 3 | 93.00% | 1 | 99.90% | 1 | 10 | 12 | '
                    'stopped early |')
   assert md[7].endswith('| failed: NonFiniteLossError: loss is nan |')
+
+
+def test_ray_keeps_every_line_of_parallel_points():
+  """Ray folds lines that differ only in numbers ('[repeated 6x across
+  cluster]'): points in parallel lost most epoch lines. Off for sweeps."""
+  env = {k: v for k, v in os.environ.items() if k != 'RAY_DEDUP_LOGS'}
+  proc = subprocess.run(
+      [sys.executable, '-c', 'from mnist_jax import sweep_run; '
+       'from ray._private import ray_constants; '
+       'print(ray_constants.RAY_DEDUP_LOGS)'],
+      capture_output=True, text=True, env=env, timeout=120)
+  assert proc.stdout.strip() == 'False', proc.stderr[-2000:]

@@ -246,17 +246,22 @@ def _quiet_tune() -> None:
   # Tune's legacy reporter honours `verbose=0`; the newer one still prints.
   os.environ.setdefault('RAY_AIR_NEW_OUTPUT', '0')
   os.environ.setdefault('TUNE_PRINT_ALL_TRIAL_ERRORS', '0')
-  tune_log = logging.getLogger('ray.tune.tune')
-  if not any(isinstance(f, _SaidBySweep) for f in tune_log.filters):
-    tune_log.addFilter(_SaidBySweep())
+  for name in ('ray.tune.tune', 'ray.tune.analysis.experiment_analysis'):
+    tune_log = logging.getLogger(name)
+    if not any(isinstance(f, _SaidBySweep) for f in tune_log.filters):
+      tune_log.addFilter(_SaidBySweep())
 
 
 class _SaidBySweep(logging.Filter):
-  """Drops Tune's closing 'Trials did not complete' (the sweep's own last
-  line names the failed points and what to do)."""
+  """Drops Tune's messages that the sweep says in its own words: which
+  points failed or are unfinished and what to do (re-run the command, not
+  Tune's `Tuner.restore`); a point that never reported is `pending`."""
+
+  SAID = ('Trials did not complete', 'Stop signal received',
+          'Experiment has been interrupted', 'Failed to fetch metrics')
 
   def filter(self, record: logging.LogRecord) -> bool:
-    return not str(record.msg).startswith('Trials did not complete')
+    return not str(record.msg).startswith(self.SAID)
 
 
 def _init_ray(address: str | None) -> None:

@@ -400,7 +400,11 @@ class _Loop:
     what = _STOP_WORDS.get(self.stop, f'Stopped ({self.stop})')
     saved = (f'saved checkpoint at step {step}' if self.last_checkpoint
              else f'nothing saved at step {step}')
-    parallel.say(f'{what}: {saved}; run the same command again to resume.')
+    # (A stop `on_epoch` asked for is the caller's decision, e.g. a sweep's
+    # early-stopping rule, which a re-run of the sweep keeps.)
+    again = ('' if self.stop == 'requested'
+             else '; run the same command again to resume')
+    parallel.say(f'{what}: {saved}{again}.')
     return state
 
   def _drain(self, pending, merged, keep: int):

@@ -360,7 +360,10 @@ def test_on_epoch_returning_true_stops_with_a_checkpoint_and_resumes(
   assert seen == [1]
   assert result['stopped_early'] and result['stop_reason'] == 'requested'
   assert result['step'] == 18 and result['final'] == {}
-  assert 'Stopped early: saved checkpoint at step 18' in capsys.readouterr().out
+  # The caller's decision (a sweep's rule, which its re-run keeps): no
+  # advice to run the same command again.
+  assert ('Stopped early: saved checkpoint at step 18.\n'
+          in capsys.readouterr().out)
   assert ckpt_util.steps(workdir) == [10, 18]  # 18 is not a periodic step
   assert not os.path.exists(os.path.join(workdir, 'metrics.json'))
   # Rerunning resumes at 18 and finishes as if never stopped.

@@ -3,6 +3,7 @@ resources, schedulers and tables. Runs on Ray: tests/test_sweep_ray.py."""
 
 import csv
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -332,3 +333,22 @@ def test_ray_keeps_every_line_of_parallel_points():
        'print(ray_constants.RAY_DEDUP_LOGS)'],
       capture_output=True, text=True, env=env, timeout=120)
   assert proc.stdout.strip() == 'False', proc.stderr[-2000:]
+
+
+def test_tunes_messages_the_sweep_says_itself_are_dropped(monkeypatch):
+  """Tune's advice on an interrupted sweep is `Tuner.restore(...)`; the
+  sweep's is to re-run the command. Its other messages are kept."""
+  monkeypatch.setenv('RAY_AIR_NEW_OUTPUT', '1')  # (left as they are)
+  monkeypatch.setenv('TUNE_PRINT_ALL_TRIAL_ERRORS', '1')
+  sweep_run._quiet_tune()  # pylint: disable=protected-access
+  for name, message, shown in [
+      ('ray.tune.tune', 'Experiment has been interrupted, but the most recent'
+       ' state was saved.\nResume experiment with: Tuner.restore(...)', False),
+      ('ray.tune.tune', 'Stop signal received (e.g. via SIGINT/Ctrl+C)', False),
+      ('ray.tune.tune', 'Trials did not complete: [a]', False),
+      ('ray.tune.analysis.experiment_analysis',
+       'Failed to fetch metrics for 1 trial(s):', False),
+      ('ray.tune.tune', 'Something else', True)]:
+    record = logging.LogRecord(name, logging.WARNING, __file__, 1, message,
+                               None, None)
+    assert bool(logging.getLogger(name).filter(record)) == shown, message

@@ -25,6 +25,7 @@ import dataclasses
 import difflib
 import hashlib
 import importlib.util
+import inspect
 import itertools
 import json
 import math
@@ -300,6 +301,14 @@ def load_sweep(config_filename: str) -> Sweep:
     raise ConfigError(
         f'{path} defines no get_sweep(); --sweep needs a config file with a '
         'sweep, e.g. configs/sweep_lr.py.')
+  try:  # (inspect.signature: whether it takes the ':arg'; not its errors)
+    inspect.signature(get_sweep).bind(*([arg] if arg else []))
+  except TypeError:
+    takes = 'takes one' if not arg else 'takes none'
+    raise ConfigError(
+        f'get_sweep() in {path} {takes} (the :arg after the file name): '
+        + (f'give it as --config={path}:<arg>.' if not arg else
+           f'drop ":{arg}" or add a parameter to get_sweep.')) from None
   return as_sweep(get_sweep(arg) if arg else get_sweep())
 
 

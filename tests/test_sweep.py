@@ -352,3 +352,15 @@ def test_tunes_messages_the_sweep_says_itself_are_dropped(monkeypatch):
     record = logging.LogRecord(name, logging.WARNING, __file__, 1, message,
                                None, None)
     assert bool(logging.getLogger(name).filter(record)) == shown, message
+
+
+def test_get_sweep_argument_mismatch_is_one_clear_error(tmp_path):
+  needs = tmp_path / 'needs_arg.py'
+  needs.write_text('def get_sweep(arg):\n  return [{"seed": int(arg)}]\n')
+  takes_none = tmp_path / 'no_arg.py'
+  takes_none.write_text('def get_sweep():\n  return [{"seed": 1}]\n')
+  with pytest.raises(ConfigError, match=r'takes one .*:<arg>'):
+    sweep.load_sweep(str(needs))
+  with pytest.raises(ConfigError, match='takes none .*drop ":3"'):
+    sweep.load_sweep(f'{takes_none}:3')
+  assert sweep.load_sweep(f'{needs}:2').points == [{'seed': 2}]

@@ -401,7 +401,8 @@ def validate_sweep(config: ml_collections.ConfigDict,
     trains = json.dumps(point_config.to_dict(), sort_keys=True, default=str)
     if trains in seen:
       raise ConfigError(f'{label} trains the same config as point '
-                        f'{seen[trains] + 1}; remove the duplicate.')
+                        f'{seen[trains] + 1}; remove the duplicate (a random '
+                        'search: fewer num_samples, or a wider space).')
     seen[trains] = i
     if name in names:  # different configs, one folder name (e.g. a/b, a_b)
       name = f'{name}~{hashlib.sha1(trains.encode()).hexdigest()[:8]}'

@@ -307,6 +307,11 @@ def _leaves(tree: dict[str, Any], prefix: str = '') -> dict[str, Any]:
   return out
 
 
+def _within(field: str, fields) -> bool:
+  """Whether dotted `field` is one of `fields` or inside one of them."""
+  return any(field == f or field.startswith(f + '.') for f in fields)
+
+
 def run_config(workdir: str, config, overrides=(), step: int | None = None):
   """The config of the run that wrote `workdir`'s checkpoints, for
   evaluating or predicting with it (`launch.py --mode eval/predict`).
@@ -342,8 +347,7 @@ def run_config(workdir: str, config, overrides=(), step: int | None = None):
   now = _leaves(config_json(config))
   for field, value in _leaves(saved).items():
     if (field not in now or field in overrides or now[field] == value
-        or any(field == f or field.startswith(f + '.')
-               for f in THIS_MACHINE)):
+        or _within(field, THIS_MACHINE)):
       continue
     *parents, leaf = field.split('.')
     node = merged
@@ -364,11 +368,9 @@ def run_identity_diffs(saved: dict[str, Any], config) -> list[str]:
   the `saved` config. Fields only one side has (added or removed by a code
   change) are not differences."""
   old, now = _leaves(saved), _leaves(config_json(config))
-  may_change = lambda f: any(  # pylint: disable=g-long-lambda
-      f == m or f.startswith(m + '.') for m in MAY_CHANGE_ON_RESUME)
   return [f'{f}={old[f]!r} (checkpoint) vs {now[f]!r} (now)'
           for f in sorted(set(old) & set(now))
-          if not may_change(f) and old[f] != now[f]]
+          if not _within(f, MAY_CHANGE_ON_RESUME) and old[f] != now[f]]
 
 
 def check_same_run(saved: dict[str, Any], config, directory: str) -> None:

@@ -15,7 +15,7 @@ import json
 import os
 import sys
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from absl import logging
 import jax
@@ -363,14 +363,24 @@ def run_config(workdir: str, config, overrides=(), step: int | None = None):
   return merged
 
 
+def changed_fields(old: dict[str, Any], new: dict[str, Any],
+                   may_change: Sequence[str] = MAY_CHANGE_ON_RESUME
+                   ) -> list[str]:
+  """The dotted fields, outside `may_change`, where two configs (as JSON
+  dicts) differ, sorted. Fields only one side has (added or removed by a
+  code change) are not differences."""
+  a, b = _leaves(old), _leaves(new)
+  return [f for f in sorted(set(a) & set(b))
+          if not _within(f, may_change) and a[f] != b[f]]
+
+
 def run_identity_diffs(saved: dict[str, Any], config) -> list[str]:
   """The fields, outside `MAY_CHANGE_ON_RESUME`, where `config` differs from
-  the `saved` config. Fields only one side has (added or removed by a code
-  change) are not differences."""
-  old, now = _leaves(saved), _leaves(config_json(config))
-  return [f'{f}={old[f]!r} (checkpoint) vs {now[f]!r} (now)'
-          for f in sorted(set(old) & set(now))
-          if not _within(f, MAY_CHANGE_ON_RESUME) and old[f] != now[f]]
+  the `saved` config, each as `field=<saved> (checkpoint) vs <now> (now)`."""
+  now = config_json(config)
+  a, b = _leaves(saved), _leaves(now)
+  return [f'{f}={a[f]!r} (checkpoint) vs {b[f]!r} (now)'
+          for f in changed_fields(saved, now)]
 
 
 def check_same_run(saved: dict[str, Any], config, directory: str) -> None:

@@ -31,6 +31,7 @@ import warnings
 from absl import flags
 import ml_collections
 
+from mnist_jax import checkpointing
 from mnist_jax import console
 from mnist_jax import sweep as sweep_lib
 from mnist_jax import sweep_results
@@ -110,14 +111,13 @@ def scheduler(early_stopping: sweep_lib.EarlyStopping | None, max_epochs: int):
 
 # ------------------------------------------------------- same sweep again
 
-def _flatten(tree, prefix=''):
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      out.update(_flatten(v, f'{prefix}{k}.'))
-    else:
-      out[f'{prefix}{k}'] = v
-  return out
+# Fields a re-run of a sweep may change: how its points run and log, not
+# what they train. The rest are the sweep's (duration and evaluation cadence
+# too: finished points are not run again).
+MAY_CHANGE_ON_RERUN = tuple(
+    f for f in checkpointing.MAY_CHANGE_ON_RESUME
+    if f not in ('num_epochs', 'num_train_steps', 'eval_every_epochs',
+                 'init_from'))
 
 
 def check_same_sweep(workdir: str, spec: dict[str, Any]) -> None:
@@ -130,7 +130,8 @@ def check_same_sweep(workdir: str, spec: dict[str, Any]) -> None:
   Raises:
     ConfigError: the stored sweep has other points, another early-stopping
       rule, or a point's config differs (fields only one of the two has,
-      added or removed by a code change since, are not compared).
+      added or removed by a code change since, are not compared, nor
+      `MAY_CHANGE_ON_RERUN`).
   """
   path = os.path.join(workdir, SWEEP_FILE)
   try:
@@ -153,8 +154,8 @@ def check_same_sweep(workdir: str, spec: dict[str, Any]) -> None:
     raise ConfigError(f'{workdir} holds a sweep with another early-stopping '
                       f'rule ({stored.get("early_stopping")}); {fix}')
   for name in new:
-    a, b = _flatten(old[name]), _flatten(new[name])
-    diff = sorted(k for k in set(a) & set(b) if a[k] != b[k])
+    diff = checkpointing.changed_fields(old[name], new[name],
+                                        MAY_CHANGE_ON_RERUN)
     if diff:
       raise ConfigError(f'{os.path.join(workdir, name)} was run with a '
                         f'different config (differs in {", ".join(diff)}); '
@@ -209,12 +210,19 @@ def _tuner(plan, workdir: str, early_stopping, *, parallel: int,
       run_config=run_config)
 
 
+def _field(config: ml_collections.ConfigDict, dotted: str) -> Any:
+  for part in dotted.split('.'):
+    config = config[part]
+  return config
+
+
 def _rows(plan, workdir: str) -> list[dict[str, Any]]:
   """The table's rows from Tune's record of the experiment."""
   analysis = tune.ExperimentAnalysis(os.path.join(workdir, EXPERIMENT))
   trials = {t.config[sweep_trial.POINT_KEY]: t for t in analysis.trials}
+  keys = sweep_results.override_keys([p for _, p, _ in plan])
   rows = []
-  for name, point, _ in plan:
+  for name, point, point_config in plan:
     trial = trials.get(name)
     last = dict(trial.last_result or {}) if trial else {}
     if trial is None or trial.status not in ('TERMINATED', 'ERROR'):
@@ -225,7 +233,8 @@ def _rows(plan, workdir: str) -> list[dict[str, Any]]:
       status, error = sweep_results.DONE, ''
     else:  # Terminated by Tune before its last epoch: the scheduler's rule.
       status, error = sweep_results.STOPPED, ''
-    rows.append({'point': name, **point,
+    # A field the point leaves alone shows the base config's value.
+    rows.append({'point': name, **{k: _field(point_config, k) for k in keys},
                  **{k: last.get(k) for k in sweep_results.SUMMARY},
                  'wall_seconds': last.get('wall_seconds'),
                  'status': status, 'error': error})

@@ -21,6 +21,7 @@ ends and writes its TensorBoard HParams.
 from __future__ import annotations
 
 import io
+import json
 import os
 import queue
 import sys
@@ -44,6 +45,8 @@ POINT_KEY = 'point'  # the point's name; its one search-space parameter
 STATUS_KEY = 'point_status'  # 'running', or 'done'/'stopped early' at the end
 EPOCH_KEY = 'epoch'  # the early-stopping rules' clock
 METRIC = 'validation_accuracy'  # what they compare; never the test accuracy
+# In a point's workdir: its wall time over all attempts and re-runs so far.
+WALL_FILE = 'sweep_wall_seconds.json'
 
 
 class PointTrainable(tune.Trainable):
@@ -82,7 +85,18 @@ class PointTrainable(tune.Trainable):
     self._go: queue.Queue = queue.Queue()  # step() -> training: stop?
     self._thread: threading.Thread | None = None  # started by step()
     self._start = time.time()
+    self._earlier = _read_wall(self._workdir)  # earlier attempts' time
     self._seen: list[dict[str, Any]] = []
+
+  def _wall_seconds(self) -> float:
+    """The point's wall time so far, earlier attempts included; kept in its
+    workdir for the next attempt (a retry, or a re-run of the sweep)."""
+    seconds = self._earlier + time.time() - self._start
+    path = os.path.join(self._workdir, WALL_FILE)
+    with open(f'{path}.tmp', 'w') as f:
+      json.dump({'wall_seconds': seconds}, f)
+    os.replace(f'{path}.tmp', path)
+    return seconds
 
   def _on_epoch(self, record: dict[str, Any]) -> bool:
     self._records.put(('epoch', record))
@@ -117,6 +131,7 @@ class PointTrainable(tune.Trainable):
       self._go.put(False)
       kind, value = self._records.get()
     if kind == 'error':
+      self._wall_seconds()
       raise value  # Tune records the trial as failed with this error.
     if kind == 'epoch':
       # The best so far of this attempt's epochs (a resumed point's earlier
@@ -125,7 +140,7 @@ class PointTrainable(tune.Trainable):
       summary = sweep_results.summarize({'epochs': self._seen,
                                          'step': value['step']})
       return {**value, **summary, STATUS_KEY: 'running', 'node_id': self._node,
-              'wall_seconds': time.time() - self._start}
+              'wall_seconds': self._wall_seconds()}
     return self._finish(value)
 
   def _is_last(self, record: dict[str, Any]) -> bool:
@@ -140,7 +155,7 @@ class PointTrainable(tune.Trainable):
                          ' its retry resumes from it.')
     last = result['epochs'][-1] if result['epochs'] else {}
     return {**last, **sweep_results.summarize(result),
-            'wall_seconds': time.time() - self._start,
+            'wall_seconds': self._wall_seconds(),
             STATUS_KEY: sweep_results.DONE, 'node_id': self._node, 'done': True}
 
   def cleanup(self):
@@ -148,6 +163,20 @@ class PointTrainable(tune.Trainable):
     if self._thread is not None and self._thread.is_alive():
       self._go.put(True)
       self._thread.join()
+      self._wall_seconds()
+
+
+def _read_wall(workdir: str) -> float:
+  """A point's wall time in its earlier attempts (`WALL_FILE`), 0 if none."""
+  try:
+    with open(os.path.join(workdir, WALL_FILE)) as f:
+      return float(json.load(f)['wall_seconds'])
+  except FileNotFoundError:
+    return 0.0
+  except (ValueError, KeyError, TypeError):  # damaged: counts from now
+    logging.warning('Ignoring %s: not a wall time.',
+                    os.path.join(workdir, WALL_FILE))
+    return 0.0
 
 
 def _quiet_console(verbosity: int | None) -> tuple[_Tagged, _Tagged]:

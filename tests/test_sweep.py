@@ -230,18 +230,26 @@ def test_parallel_must_be_positive(tiny_config, tmp_path):
 
 def test_a_workdir_refuses_a_changed_sweep(tmp_path):
   workdir = str(tmp_path)
-  spec = {'points': {'seed=1': {'seed': 1, 'data': {'dir': 'a'}},
-                     'seed=2': {'seed': 2, 'data': {'dir': 'a'}}},
+  base = {'data': {'dir': 'a'}, 'log_every_steps': 5, 'num_epochs': 20,
+          'weight_decay': 0.0005}
+  spec = {'points': {'seed=1': {'seed': 1, **base},
+                     'seed=2': {'seed': 2, **base}},
           'early_stopping': None}
   sweep_run.check_same_sweep(workdir, spec)  # Recorded on the first run.
   sweep_run.check_same_sweep(workdir, spec)
   added = json.loads(json.dumps(spec))
   added['points']['seed=1']['added_since'] = 3  # A code change: no change.
   sweep_run.check_same_sweep(workdir, added)
+  # Where the data is, and how often a point logs: not a different sweep.
+  moved = json.loads(json.dumps(spec))
+  moved['points']['seed=2']['data']['dir'] = 'b'
+  moved['points']['seed=2']['log_every_steps'] = 7
+  sweep_run.check_same_sweep(workdir, moved)
   other = json.loads(json.dumps(spec))
-  other['points']['seed=2']['data']['dir'] = 'b'
+  other['points']['seed=2']['weight_decay'] = 0.1
+  other['points']['seed=2']['num_epochs'] = 30  # Finished points would stay.
   with pytest.raises(ConfigError, match=r'seed=2 was run with a different '
-                     r'config \(differs in data.dir\)'):
+                     r'config \(differs in num_epochs, weight_decay\)'):
     sweep_run.check_same_sweep(workdir, other)
   with pytest.raises(ConfigError, match=r"other points \(new: \['seed=3'\]"):
     sweep_run.check_same_sweep(workdir, dict(spec, points={

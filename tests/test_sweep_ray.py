@@ -156,7 +156,9 @@ def test_embedded_sweep_stops_early_records_failure_and_reruns(idx_dir,
   assert 'Continuing the sweep' in proc.stdout
   # Counted over the sweep: the two points that ended in the first run too.
   assert '[3/3] batch_size=1024: FAILED: ConfigError' in proc.stdout
-  assert '| 1 | 0.001 |  | 100.00% |' in proc.stdout  # The table.
+  # The table; a point's cell for a field it leaves alone: the base value.
+  assert '| 1 | 0.001 | 32 | 100.00% |' in proc.stdout
+  assert '| 3 | 0.001 | 1024 |  |' in proc.stdout
   assert '1 of 3 points failed (batch_size=1024)' in proc.stderr
   assert 'Resuming' not in proc.stdout
   assert before == {n: os.path.getmtime(os.path.join(workdir, n,
@@ -363,4 +365,10 @@ def test_cluster_sweep_uses_both_nodes_and_survives_losing_one(
   lost, = [n for n, rs in reports.items() if rs[0]['node_id'] == ids['worker']]
   retried = [r for r in reports[lost] if r['node_id'] == ids['head']]
   assert retried and retried[0]['epoch'] >= 2
+  # Its wall time counts both attempts: the lost one's, up to its last
+  # report, and the retry's, which alone covers its reported epochs.
+  lost_row, = [r for r in rows if r['point'] == lost]
+  first = [r for r in reports[lost] if r['node_id'] == ids['worker']]
+  assert lost_row['wall_seconds'] >= (first[-1]['wall_seconds']
+                                      + retried[-1]['time_total_s'])
   assert 'Resuming from step' in out

@@ -32,6 +32,7 @@ from absl import flags
 import ml_collections
 
 from mnist_jax import checkpointing
+from mnist_jax import config_lib
 from mnist_jax import console
 from mnist_jax import sweep as sweep_lib
 from mnist_jax import sweep_results
@@ -210,12 +211,6 @@ def _tuner(plan, workdir: str, early_stopping, *, parallel: int,
       run_config=run_config)
 
 
-def _field(config: ml_collections.ConfigDict, dotted: str) -> Any:
-  for part in dotted.split('.'):
-    config = config[part]
-  return config
-
-
 def _rows(plan, workdir: str) -> list[dict[str, Any]]:
   """The table's rows from Tune's record of the experiment."""
   analysis = tune.ExperimentAnalysis(os.path.join(workdir, EXPERIMENT))
@@ -234,7 +229,8 @@ def _rows(plan, workdir: str) -> list[dict[str, Any]]:
     else:  # Terminated by Tune before its last epoch: the scheduler's rule.
       status, error = sweep_results.STOPPED, ''
     # A field the point leaves alone shows the base config's value.
-    rows.append({'point': name, **{k: _field(point_config, k) for k in keys},
+    rows.append({'point': name,
+                 **{k: config_lib.get(point_config, k) for k in keys},
                  **{k: last.get(k) for k in sweep_results.SUMMARY},
                  'wall_seconds': last.get('wall_seconds'),
                  'status': status, 'error': error})

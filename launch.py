@@ -7,6 +7,10 @@ r"""Trains and evaluates mnist_jax; a thin entry point over the library.
   python launch.py --config configs/default.py --workdir runs/default --mode info
   python launch.py --config configs/default.py --workdir runs/default \
       --mode predict --image digit.png [more.jpg ...]
+  python launch.py --config configs/default.py --config.seed=3 --mode config
+
+Every config field can be set with --config.<field>=<value>; `--mode config`
+lists them, with their values and meaning, and starts nothing.
 
 Bad input (config, data, checkpoints) is reported as one line, `Error: ...`,
 with exit status 2. A run pre-empted by SIGTERM saves a checkpoint and exits
@@ -56,10 +60,12 @@ flags.DEFINE_string(
     'sweep_address', None, 'With --sweep: the Ray cluster to run the points '
     'on (host:port); default $RAY_ADDRESS, else Ray embedded in this run.')
 flags.DEFINE_enum(
-    'mode', 'train', ['train', 'eval', 'info', 'predict'],
+    'mode', 'train', ['train', 'eval', 'info', 'predict', 'config'],
     'train: train (resuming from <workdir>/checkpoints if any); eval: '
     'evaluate the latest (or --config.eval_step) checkpoint; info: list the '
-    'checkpoints; predict: classify --image files with the latest checkpoint.')
+    'checkpoints; predict: classify --image files with the latest checkpoint; '
+    'config: list the config fields (--config.<field>=...) as a run would '
+    'use them, and exit.')
 flags.DEFINE_multi_string(
     'image', [], 'With --mode predict: PNG/JPEG digit images; more may follow '
     'as plain arguments (--image a.png b.jpg).')
@@ -86,6 +92,16 @@ def main(argv):
   try:  # Bad values stop before any file is made; multi-host starts before
     # anything touches a JAX backend.
     config_lib.validate(FLAGS.config)
+    if FLAGS.mode == 'config':
+      path = flags.FLAGS['config'].config_filename
+      try:
+        print(f'{path} as a run uses it (* = set on the command line):')
+        print('\n'.join(config_lib.describe(
+            FLAGS.config, path.partition(':')[0],
+            FLAGS['config'].override_values)), flush=True)
+      except BrokenPipeError:  # `| head`: as other commands, no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+      return
     parallel.initialize_distributed(FLAGS.config)
   except UserError as e:
     print(f'Error: {e}', file=sys.stderr, flush=True)

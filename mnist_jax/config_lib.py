@@ -1,6 +1,11 @@
-"""Config validation: every bad value is rejected before any work starts."""
+"""Config validation (every bad value is rejected before any work starts),
+and `launch.py --mode config`'s listing of the fields."""
 
 from __future__ import annotations
+
+import ast
+import os
+import tokenize
 
 from mnist_jax.errors import ConfigError
 
@@ -120,3 +125,84 @@ def download_setting(value: bool | str) -> bool | str:
   if isinstance(value, str) and value.strip().lower() in DOWNLOAD_SETTINGS:
     return DOWNLOAD_SETTINGS[value.strip().lower()]
   raise ValueError(f'Not a data.download setting: {value!r}')
+
+
+# ------------------------------------------------------- --mode config
+
+def _assignments(path: str) -> dict[str, str]:
+  """`config.<field> = ...` lines of a config file: {dotted field: its
+  trailing comment, or ''}, in the file's order."""
+  found = {}
+  with open(path, 'rb') as f:
+    tokens = list(tokenize.tokenize(f.readline))
+  by_line: dict[int, list[tokenize.TokenInfo]] = {}
+  for token in tokens:
+    by_line.setdefault(token.start[0], []).append(token)
+  for line in by_line.values():
+    words = [t for t in line if t.type in (tokenize.NAME, tokenize.OP)]
+    if len(words) < 4 or words[0].string != 'config':
+      continue
+    parts, i = [], 1
+    while (i + 1 < len(words) and words[i].string == '.'
+           and words[i + 1].type == tokenize.NAME):
+      parts.append(words[i + 1].string)
+      i += 2
+    if parts and i < len(words) and words[i].string == '=':
+      comments = [t.string for t in line if t.type == tokenize.COMMENT]
+      found.setdefault('.'.join(parts),
+                       comments[-1].lstrip('#').strip() if comments else '')
+  return found
+
+
+def _imported_siblings(path: str) -> list[str]:
+  """Config files beside `path` that it imports (`from configs import
+  default`), e.g. the default config a TPU config builds on."""
+  folder = os.path.dirname(os.path.abspath(path))
+  with open(path) as f:
+    tree = ast.parse(f.read(), path)
+  names = []
+  for node in ast.walk(tree):
+    if isinstance(node, ast.ImportFrom):
+      names += [a.name for a in node.names] + [(node.module or '').split('.')[-1]]
+    elif isinstance(node, ast.Import):
+      names += [a.name.split('.')[-1] for a in node.names]
+  files = [os.path.join(folder, f'{n}.py') for n in dict.fromkeys(names) if n]
+  return [f for f in files if os.path.isfile(f) and not os.path.samefile(f, path)]
+
+
+def describe(config, config_file: str, overridden=()) -> list[str]:
+  """`--mode config`: a line per field, `name = value` and its comment from
+  the config file (or a config file beside it that it imports, e.g. the
+  default config it builds on), in the files' order; fields set on the
+  command line (`overridden`) marked `*`.
+
+  Args:
+    config: the config as a run would use it (overrides applied).
+    config_file: its file (without the `:arg`).
+    overridden: the dotted fields the command line set.
+  """
+  comments: dict[str, str] = {}
+  try:  # In the base file's order; the file's own comments win.
+    for path in [*_imported_siblings(config_file), config_file]:
+      for field, comment in _assignments(path).items():
+        comments[field] = comment or comments.get(field, '')
+  except (OSError, SyntaxError, tokenize.TokenError, ValueError):
+    comments = {}  # values without comments rather than no answer
+  leaves = {}
+
+  def walk(node, prefix=''):
+    for key in node.keys():
+      value = node[key]
+      if hasattr(value, 'keys'):
+        walk(value, f'{prefix}{key}.')
+      else:
+        leaves[prefix + key] = value
+
+  walk(config)
+  order = {field: i for i, field in enumerate(comments)}
+  fields = sorted(leaves, key=lambda f: (order.get(f, len(order)), f))
+  cells = [f'{"*" if f in overridden else " "} {f} = {leaves[f]!r}'
+           for f in fields]
+  width = min(max(map(len, cells), default=0), 56)
+  return [f'{cell:<{width}}  {comments.get(f, "")}'.rstrip()
+          for cell, f in zip(cells, fields)]

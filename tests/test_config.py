@@ -1,5 +1,6 @@
 """Invalid configs are rejected before any work, with a clear message."""
 
+import ml_collections
 import pytest
 
 from configs import default
@@ -104,3 +105,36 @@ def test_global_batch_must_divide_over_the_devices(tiny_config):
   with pytest.raises(ConfigError, match=r'eval_batch_size=100 .* 8 devices '
                      r'of 2 processes.* 96 or 104'):
     config_lib.validate_against_devices(tiny_config, 8, 2)
+
+
+def test_describe_takes_comments_from_the_file_and_its_base(tmp_path):
+  (tmp_path / 'base.py').write_text(
+      'def get_config():\n'
+      '  config = ml_collections.ConfigDict()\n'
+      '  config.sub = ml_collections.ConfigDict()\n'
+      "  config.sub.tag = 'a#b'  # The tag.\n"
+      '  config.rate = 0.1  # The rate.\n'
+      '  config.rate = 0.2  # Second assignment: not the meaning.\n'
+      '  config.bare = 1\n'
+      '  return config\n')
+  (tmp_path / 'child.py').write_text(
+      'from configs import base\n'
+      'def get_config():\n'
+      '  config = base.get_config()\n'
+      '  config.rate = 0.5  # The child\'s rate.\n'
+      '  config.extra = (1, 2)\n'
+      '  return config\n')
+  config = ml_collections.ConfigDict(
+      {'sub': {'tag': 'a#b'}, 'rate': 0.5, 'bare': 1, 'extra': (1, 2),
+       'unlisted': None})
+  lines = config_lib.describe(config, str(tmp_path / 'child.py'), {'rate'})
+  assert lines == [
+      "  sub.tag = 'a#b'  The tag.",
+      "* rate = 0.5       The child's rate.",
+      '  bare = 1',
+      '  extra = (1, 2)',
+      '  unlisted = None',
+  ]
+  # An unreadable file: the values still, without comments.
+  assert config_lib.describe(config, str(tmp_path / 'gone.py'))[0] == (
+      "  bare = 1")

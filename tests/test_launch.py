@@ -88,3 +88,35 @@ def test_train_and_evaluate_on_tfds_mock_data(tiny_config, tmp_path):
   assert test_correct == pytest.approx(round(test_correct), abs=1e-3)
   with open(os.path.join(str(tmp_path), 'metrics.json')) as f:
     assert json.load(f)['final'] == result['final']
+
+
+def test_mode_config_lists_every_field_as_the_run_would_use_it(tmp_path):
+  workdir = tmp_path / 'never'
+  proc = _launch(['--config', os.path.join(ROOT, 'configs/tpu.py'),
+                  '--workdir', str(workdir), '--config.seed=3',
+                  '--config.data.dir=/data', '--mode', 'config'])
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  lines = proc.stdout.splitlines()
+  assert lines[0].endswith('configs/tpu.py as a run uses it (* = set on the '
+                           'command line):')
+  fields = [l[2:].split(' = ')[0] for l in lines[1:]]
+  from configs import tpu  # pylint: disable=g-import-not-at-top
+  config = tpu.get_config()
+  expected = [k for k, v in config.items() if not hasattr(v, 'keys')]
+  expected += [f'{k}.{f}' for k, v in config.items() if hasattr(v, 'keys')
+               for f in v]
+  assert sorted(fields) == sorted(expected)  # Each once.
+  assert fields[0] == 'data.source'  # The base file's order.
+  by_field = dict(zip(fields, lines[1:]))
+  assert by_field['seed'].startswith('* seed = 3 ')
+  assert by_field['data.dir'].startswith("* data.dir = '/data' ")
+  # Comments: the base config's (default.py), unless tpu.py has its own.
+  assert by_field['batch_size'].startswith('  batch_size = 512 ')
+  assert by_field['batch_size'].endswith('Global training batch size.')
+  assert by_field['data.download'].endswith('hosts never download.')
+  assert not workdir.exists()  # Nothing started, nothing written.
+  proc = _launch(['--config', os.path.join(ROOT, 'configs/default.py'),
+                  '--config.batch_size=0', '--mode', 'config'])
+  assert proc.returncode == 2
+  assert proc.stderr.strip() == ('Error: config.batch_size=0: must be a '
+                                 'positive integer.')

@@ -232,7 +232,10 @@ def _rows(plan, workdir: str) -> list[dict[str, Any]]:
     rows.append({'point': name,
                  **{k: config_lib.get(point_config, k) for k in keys},
                  **{k: last.get(k) for k in sweep_results.SUMMARY},
-                 'wall_seconds': last.get('wall_seconds'),
+                 # All attempts, to the end of the last (a stopped point's
+                 # save, a failed one's error), not to its last report.
+                 'wall_seconds': sweep_trial.read_wall_seconds(
+                     os.path.join(workdir, name)),
                  'status': status, 'error': error})
   return rows
 

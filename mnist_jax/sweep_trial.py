@@ -85,7 +85,7 @@ class PointTrainable(tune.Trainable):
     self._go: queue.Queue = queue.Queue()  # step() -> training: stop?
     self._thread: threading.Thread | None = None  # started by step()
     self._start = time.time()
-    self._earlier = _read_wall(self._workdir)  # earlier attempts' time
+    self._earlier = read_wall_seconds(self._workdir) or 0.0  # earlier attempts
     self._seen: list[dict[str, Any]] = []
 
   def _wall_seconds(self) -> float:
@@ -166,17 +166,18 @@ class PointTrainable(tune.Trainable):
       self._wall_seconds()
 
 
-def _read_wall(workdir: str) -> float:
-  """A point's wall time in its earlier attempts (`WALL_FILE`), 0 if none."""
+def read_wall_seconds(workdir: str) -> float | None:
+  """A point's wall time over its attempts so far (`WALL_FILE`); None if
+  it never started (or the file is damaged: the count starts again)."""
   try:
     with open(os.path.join(workdir, WALL_FILE)) as f:
       return float(json.load(f)['wall_seconds'])
   except FileNotFoundError:
-    return 0.0
-  except (ValueError, KeyError, TypeError):  # damaged: counts from now
+    return None
+  except (ValueError, KeyError, TypeError):
     logging.warning('Ignoring %s: not a wall time.',
                     os.path.join(workdir, WALL_FILE))
-    return 0.0
+    return None
 
 
 def _quiet_console(verbosity: int | None) -> tuple[_Tagged, _Tagged]:

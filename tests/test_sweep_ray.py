@@ -129,6 +129,11 @@ def test_embedded_sweep_stops_early_records_failure_and_reruns(idx_dir,
   assert float(rows[good]['best_validation_accuracy']) == max(
       e['validation_accuracy'] for e in metrics['epochs'])
   assert rows[good]['epochs'] == '2' and rows[good]['steps'] == '36'
+  # Wall time to the end of a point's last attempt: the stopped point's save
+  # after its last report; the failed point's error (it never reported).
+  assert (float(rows[bad]['wall_seconds'])
+          >= _results(workdir, bad)[-1]['wall_seconds'])
+  failed_wall = float(rows['batch_size=1024']['wall_seconds'])
   # Stopped after epoch 1 with its last metrics, and a checkpoint to show.
   assert rows[bad]['epochs'] == '1' and rows[bad]['steps'] == '18'
   assert float(rows[bad]['best_validation_accuracy']) < 0.5
@@ -164,8 +169,11 @@ def test_embedded_sweep_stops_early_records_failure_and_reruns(idx_dir,
   assert before == {n: os.path.getmtime(os.path.join(workdir, n,
                                                      'checkpoints'))
                     for n in (good, bad)}
-  assert [r['status'] for r in _csv(workdir).values()] == [
+  rows = _csv(workdir)
+  assert [r['status'] for r in rows.values()] == [
       'done', 'stopped early', 'failed']
+  # The failed point's wall time: its attempts in both runs.
+  assert float(rows['batch_size=1024']['wall_seconds']) > failed_wall
 
 
 def test_trial_lines_are_tagged_with_the_running_point():

@@ -105,17 +105,17 @@ def validate_against_data(config, num_train: int,
 
 def validate_against_devices(config, num_devices: int,
                              num_processes: int = 1) -> None:
-  """Checks that the global batch sizes split evenly over the devices."""
-  n = num_devices
-  for field in ('batch_size', 'eval_batch_size'):
-    value = config[field]
-    if value % n:
-      ok = [v for v in (value - value % n, value - value % n + n) if v > 0]
-      hosts = f' of {num_processes} processes' if num_processes > 1 else ''
-      raise ConfigError(
-          f'config.{field}={value} (global) does not divide by the {n} '
-          f'devices{hosts}, which each take an equal share; use a multiple '
-          f'of {n}, e.g. {" or ".join(map(str, ok))}.')
+  """Checks that the global training batch splits evenly over the devices
+  (an evaluation batch is rounded up to a multiple of them, its padding
+  masked out: `steps.device_eval_split`)."""
+  n, value = num_devices, config.batch_size
+  if value % n:
+    ok = [v for v in (value - value % n, value - value % n + n) if v > 0]
+    hosts = f' of {num_processes} processes' if num_processes > 1 else ''
+    raise ConfigError(
+        f'config.batch_size={value} (global) does not divide by the {n} '
+        f'devices{hosts}, which each take an equal share; use a multiple '
+        f'of {n}, e.g. {" or ".join(map(str, ok))}.')
 
 
 def download_setting(value: bool | str) -> bool | str:

@@ -38,7 +38,7 @@ def evaluate_checkpoint(config, workdir: str) -> dict[str, Any]:
     the training run's own `<workdir>/report` is left as it is).
   """
   checkpointing.require_checkpoints(workdir)  # before loading any data
-  run = train.setup(config, workdir)
+  run = train.setup(config, workdir, training=False)
   step, params, _ = checkpointing.restore_workdir_params(
       workdir, models.abstract_params(
           run.model, jax.NamedSharding(run.mesh, jax.P())),

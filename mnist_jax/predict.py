@@ -149,11 +149,12 @@ def predict(params, model, image_paths) -> list[Prediction]:
 
 
 def restore_params(config, workdir: str):
-  """(step, params) of the latest readable checkpoint of `workdir`, on the
-  first local device."""
+  """(step, params) of `workdir`'s checkpoint at `config.eval_step` (-1: the
+  latest readable one), on the first local device."""
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   step, params, _ = checkpointing.restore_workdir_params(
-      workdir, models.abstract_params(models.create_model(config), device))
+      workdir, models.abstract_params(models.create_model(config), device),
+      None if config.eval_step == -1 else config.eval_step)
   return step, params
 
 

@@ -218,11 +218,12 @@ def make_eval_fn(model: models.CNN, mesh):
 
 def device_eval_split(split: input_pipeline.Split, eval_batch_size: int, mesh):
   """A split padded to whole batches, as [num_batches, batch, ...] arrays on
-  the devices, each batch sharded along 'data'. A batch is no larger than the
-  split (rounded up to a multiple of the devices): a larger one would only
-  be padding, as much memory as the batch asks for."""
+  the devices, each batch sharded along 'data'. A batch is
+  `eval_batch_size`, but no larger than the split (a larger one would only
+  be padding, as much memory as the batch asks for), rounded up to a
+  multiple of the devices (the padding is masked out)."""
   n = mesh.devices.size
-  batch = min(eval_batch_size, -(-len(split) // n) * n)
+  batch = -(-min(eval_batch_size, len(split)) // n) * n
   padded = input_pipeline.pad_to_multiple(split, batch)
   return parallel.put_sharded_batches(
       {k: v.reshape((-1, batch) + v.shape[1:]) for k, v in padded.items()},

@@ -107,14 +107,17 @@ def enable_compilation_cache(cache_dir: str) -> str | None:
   return jax.config.jax_compilation_cache_dir
 
 
-def setup(config: ml_collections.ConfigDict, workdir: str) -> base.Run:
-  """Validates the config, loads the data and builds everything but state."""
+def setup(config: ml_collections.ConfigDict, workdir: str,
+          training: bool = True) -> base.Run:
+  """Validates the config, loads the data and builds everything but state
+  (`training=False`: for evaluation, which takes no training batches)."""
   config_lib.validate(config)
   os.makedirs(workdir, exist_ok=True)
   enable_compilation_cache(config.compilation_cache_dir)
   mesh = parallel.create_mesh()
-  config_lib.validate_against_devices(config, mesh.devices.size,
-                                      jax.process_count())
+  if training:
+    config_lib.validate_against_devices(config, mesh.devices.size,
+                                        jax.process_count())
   data = input_pipeline.load(config)
   num_train = len(data.train)
   config_lib.validate_against_data(
@@ -304,6 +307,8 @@ class _Loop:
 
     self.first_step_of_run = int(state.step)
     step = int(state.step)
+    if self._unrecorded_end(step):
+      state = self._catch_up(state, step)
     ahead = None  # (state, step, stacked, perm): the next epoch's first
     ahead_t0 = None  # where the clock of the epoch run ahead starts
     warm = False  # whether an evaluation and epoch-end hooks have run
@@ -321,6 +326,11 @@ class _Loop:
       first_step, pending = step, []
       merged = None
       while step < epoch_end:
+        if signalled and not self.stop:
+          self.stop = signalled[0]
+        if self.stop:  # dispatch no more: stop at the step in flight
+          self._drain(pending, merged, keep=0)
+          return self._stop(state, step), self.stop
         start = step
         if ahead is not None:  # dispatched during the last epoch's end
           (state, step, stacked, perm), t0 = ahead, ahead_t0
@@ -329,10 +339,9 @@ class _Loop:
           state, step, stacked = dispatch(state, step, epoch_end, perm)
         pending.append((start, stacked))
         state = self._call('on_steps', state, step, state)
-        if signalled and not self.stop:
-          self.stop = signalled[0]
-        if self.stop:
-          return self._stop(state, step), self.stop
+        # (A stop asked for meanwhile is seen above, or at the epoch end:
+        # an epoch whose last step is in flight is evaluated and recorded
+        # before the run stops.)
         merged = self._drain(pending, merged, keep=1)  # overlaps the device
       evaluate_now = ((epoch + 1) % config.eval_every_epochs == 0
                       or step == run.total_steps)
@@ -344,7 +353,7 @@ class _Loop:
         # fetch waits behind the steps dispatched ahead.
         self._epoch_dispatched(epoch + 1, step, state)
         evals = self._dispatch_evaluation(state) if evaluate_now else {}
-        if step < run.total_steps:
+        if step < run.total_steps and not (signalled or self.stop):
           next_end = min(epoch_end + run.steps_per_epoch, run.total_steps)
           next_perm = permutation(run.rngs['data'], epoch + 1)
           ahead = (*dispatch(state, step, next_end, next_perm), next_perm)
@@ -363,9 +372,7 @@ class _Loop:
                 'train_seconds': train_time,
                 'images_per_second': (step - first_step) * config.batch_size
                                      / train_time}
-      for name, metrics in jax.device_get(evals).items():
-        record.update({f'{name}_{k}': v for k, v in
-                       metrics_lib.to_scalars(metrics).items()})
+      _add_evaluation(record, evals)
       if first_step == self.first_step_of_run and compile_seconds is not None:
         record['compile_seconds'] = compile_seconds  # this session's first
       self.history.append(record)
@@ -382,8 +389,33 @@ class _Loop:
       warm = warm or bool(evals)
       if stop:
         self.stop = 'requested'
+      elif signalled and not self.stop:
+        self.stop = signalled[0]
+      if self.stop and step < run.total_steps:  # (at the end: done anyway)
         return self._stop(state, step), self.stop
     return state, None
+
+  def _unrecorded_end(self, step: int) -> bool:
+    """Whether a resumed run starts where an evaluation is due that its
+    history lacks: the run's end (e.g. a shorter run now), or an evaluated
+    epoch's end a run older than this check stopped at."""
+    run = self.run
+    if step == 0 or (self.history and self.history[-1]['step'] >= step):
+      return False
+    return step >= run.total_steps or (
+        step % run.steps_per_epoch == 0
+        and step // run.steps_per_epoch % run.config.eval_every_epochs == 0)
+
+  def _catch_up(self, state, step: int):
+    """Evaluates and records `step` as an epoch end (no training metrics:
+    those steps ran before the restart)."""
+    epoch = -(-step // self.run.steps_per_epoch)  # the one `step` ends or is in
+    self._epoch_dispatched(epoch, step, state)
+    record = {'epoch': epoch, 'step': step}
+    _add_evaluation(record, self._dispatch_evaluation(state))
+    self.history.append(record)
+    parallel.say(epoch_line(record))
+    return self._call('on_epoch_end', state, epoch, step, state, record)
 
   def _epoch_dispatched(self, epoch: int, step: int, state) -> None:
     for hook in self.hooks:
@@ -428,6 +460,13 @@ class _Loop:
       part = metrics_lib.merge_stacked(host)
       merged = part if merged is None else merged.merge(part)
     return merged
+
+
+def _add_evaluation(record: dict[str, Any], evals) -> None:
+  """Adds `<split>_<metric>` scalars of the evaluated splits to `record`."""
+  for name, metrics in jax.device_get(evals).items():
+    record.update({f'{name}_{k}': v for k, v in
+                   metrics_lib.to_scalars(metrics).items()})
 
 
 def dispatch_lengths(config, step: int, total_steps: int,
@@ -503,6 +542,7 @@ def epoch_line(record: dict[str, Any]) -> str:
   parts += [metrics_lib.format_split(split, record,
                                      metrics_lib.names(metrics_lib.EvalMetrics))
             for split in ('validation', 'test')]
-  parts.append(f"{record['images_per_second']:.0f} img/s")
+  if 'images_per_second' in record:  # (not a resumed run's catch-up)
+    parts.append(f"{record['images_per_second']:.0f} img/s")
   return (f"Epoch {record['epoch']:3d} step {record['step']:6d}: "
           + ' | '.join(p for p in parts if p))

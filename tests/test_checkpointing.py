@@ -21,6 +21,7 @@ from mnist_jax import checkpointing
 from mnist_jax import evaluate
 from mnist_jax import optimizer
 from mnist_jax import parallel
+from mnist_jax import predict
 from mnist_jax import steps
 from mnist_jax import train
 from mnist_jax.errors import CheckpointError, ConfigError, NonFiniteLossError
@@ -123,7 +124,10 @@ def test_own_checkpoints_win_over_init_from(reference, tmp_path, capsys):
   rerun = config.copy_and_resolve_references()
   rerun.init_from = str(tmp_path / 'missing')  # would raise if it were used
   state, _ = _start(rerun, workdir)
-  assert 'Resuming from step 36' in capsys.readouterr().out
+  out = capsys.readouterr().out
+  assert 'Resuming from step 36' in out
+  assert (f"config.init_from='{tmp_path / 'missing'}' is not used: a run "
+          'takes it only when it starts from scratch') in out
   assert int(state.step) == 36
   ckpt_util.assert_bitwise_equal(jax.tree.map(np.asarray, state.params),
                                  ref_params)
@@ -162,6 +166,10 @@ def test_eval_mode_and_info(reference, capsys):
   at10 = config.copy_and_resolve_references()
   at10.eval_step = 10
   assert evaluate.evaluate_checkpoint(at10, workdir)['step'] == 10
+  step, params = predict.restore_params(at10, workdir)  # --mode predict too
+  assert step == 10
+  ckpt_util.assert_bitwise_equal(jax.tree.map(np.asarray, params),
+                                 ckpt_util.saved_params(workdir, 10))
   at10.eval_step = 11
   with pytest.raises(CheckpointError,
                      match=r'no checkpoint for step 11.*\[10, 20, 30, 36\]'):

@@ -103,7 +103,9 @@ def eight_devices(idx_dir, tmp_path_factory):
                {'name': 'jit', 'overrides': {'num_train_steps': STEPS}},
                {'name': 'pmap', 'overrides': {
                    'num_train_steps': STEPS, 'dropout_keep_prob': 1.0,
-                   'parallelism': 'pmap', 'steps_per_dispatch': 3}},
+                   'parallelism': 'pmap', 'steps_per_dispatch': 3,
+                   # Not a multiple of 8: rounded up to 64, padding masked.
+                   'eval_batch_size': 60}},
                {'name': 'pmap_bf16', 'overrides': {
                    'num_train_steps': STEPS, 'dtype': 'bfloat16',
                    'parallelism': 'pmap', 'steps_per_dispatch': 3}})

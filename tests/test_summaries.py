@@ -285,21 +285,24 @@ def test_launch_eval_takes_the_runs_config_and_keeps_its_report(run):
   """`--mode eval` with only the config file evaluates the run as trained
   (its data source, split and model from its checkpoint, not the file's
   defaults), and the checkpoint's report goes to eval/report, leaving the
-  training run's report as it was."""
+  training run's report as it was. On 3 devices, which neither the training
+  batch (32) nor the evaluation batch (64) divides by."""
   with open(os.path.join(run.workdir, 'report', 'report.md')) as f:
     train_report = f.read()
   command = [sys.executable, os.path.join(ROOT, 'launch.py'),
              '--config', os.path.join(ROOT, 'configs', 'default.py'),
              '--workdir', run.workdir, '--mode', 'eval']
+  env = dict(os.environ,
+             XLA_FLAGS='--xla_force_host_platform_device_count=3')
   proc = subprocess.run(command, capture_output=True, text=True, timeout=300,
-                        cwd=ROOT)
+                        cwd=ROOT, env=env)
   assert proc.returncode == 0, proc.stderr[-2000:]
   final = run.result['final']
   assert (f'Final test accuracy: {final["test_accuracy"]:.2%}'
           in proc.stdout), proc.stdout
   with open(os.path.join(run.workdir, 'eval', 'metrics.json')) as f:
     record = json.load(f)
-  assert record['step'] == TOTAL
+  assert record['step'] == TOTAL and record['devices'].startswith('3 x ')
   for key in ('validation_loss', 'validation_accuracy', 'test_loss'):
     assert record[key] == pytest.approx(final[key], rel=1e-5), key
   with open(os.path.join(run.workdir, 'eval', 'report', 'report.md')) as f:

@@ -76,13 +76,18 @@ class CheckpointHook(base.Hook):
     if step is not None:
       self.history = list(restored.run.get('history', []))
       self.last_saved = os.path.join(directory, str(step))
+      self._saved_step = step  # on disk: a stop or epoch end here saves not
       parallel.say(f'Resuming from step {step} ({self.last_saved}).')
+      if run.config.init_from:
+        parallel.say(f'config.init_from={run.config.init_from!r} is not '
+                     'used: a run takes it only when it starts from scratch, '
+                     'and this one resumes its own checkpoints (fine-tune in '
+                     'a new --workdir).')
       if step >= run.total_steps:
         parallel.say(
             f'Nothing to train: the run ends at step {run.total_steps} '
             f'(num_epochs={run.config.num_epochs}, num_train_steps='
-            f'{run.config.num_train_steps}); raise them to train on. '
-            f'Evaluating step {step}.')
+            f'{run.config.num_train_steps}); raise them to train on.')
       return base.Update(state=state.replace(**restored.state),
                          history=list(self.history),
                          checkpoint=self.last_saved)
@@ -132,6 +137,8 @@ class CheckpointHook(base.Hook):
 
   def on_epoch_end(self, run, epoch, step, state, record):
     self.history.append(record)
+    if step == self._saved_step:  # a resumed run's catch-up evaluation
+      return None
     if step == run.total_steps:
       update = self._save(run, step, state, metrics=record, reason='final')
       self._wait()  # its errors come before the run reports success

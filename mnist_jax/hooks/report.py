@@ -1,4 +1,4 @@
-"""Writes the run's report (`mnist_jax.report`) after a successful run."""
+"""Writes the run's report (`mnist_jax.report`) after a run that completed."""
 
 from __future__ import annotations
 
@@ -12,7 +12,10 @@ class ReportHook(base.Hook):
   order = 40  # after SummaryHook has closed the event files it reads
 
   def on_train_end(self, run, step, state, result):
-    if result is None or not parallel.is_lead():
+    # A stopped run resumes: its report comes when it ends (a report of the
+    # last run that did stays until then), not in a pre-emption's grace time.
+    if (result is None or result.get('stopped_early')
+        or not parallel.is_lead()):
       return
     report.write_report(run.workdir, run.config, state.params,
                         test=run.data.test, history=result)

@@ -10,6 +10,7 @@ images. Only the lead process writes event files."""
 from __future__ import annotations
 
 import functools
+import glob
 import os
 from typing import Any
 
@@ -159,12 +160,15 @@ class SummaryHook(base.Hook):
     else:  # No TensorFlow (e.g. a JAX-only GPU image): the same event files.
       make = lambda logdir: event_writer.EventWriter(  # pylint: disable=g-long-lambda
           None if just_logging else logdir)
+    # The HParams once per run, not again by each resumption of it.
+    resumed = glob.glob(os.path.join(workdir, 'train', 'events.out.tfevents.*'))
     # A writer set by hand (e.g. by a test) stays.
     if self._train_writer is None:
       self._train_writer = make(os.path.join(workdir, 'train'))
     if self._eval_writer is None:
       self._eval_writer = make(os.path.join(workdir, 'eval'))
-    self._train_writer.write_hparams(hparams)
+    if not resumed:
+      self._train_writer.write_hparams(hparams)
 
   def _submit(self, fn, *args) -> None:
     if self._background is None:
@@ -214,6 +218,13 @@ class SummaryHook(base.Hook):
 
   def _write_train_scalars(self, step: int, scalars) -> None:
     self.train_writer.write_scalars(step, scalars)
+
+  def on_stop(self, run, step, state, reason):
+    del reason
+    if self._window is not None:  # steps since the last write: not lost
+      self._submit(self._write_train_scalars, step,
+                   metrics_lib.to_scalars(self._window))
+      self._window = None
 
   # ------------------------------------------------------------- epoch end
   def on_epoch_dispatched(self, run, epoch, step, state):
@@ -268,13 +279,15 @@ class SummaryHook(base.Hook):
 
   # -------------------------------------------------------------------- end
   def on_train_end(self, run, step, state, result):
+    wrote = self._background is not None
     try:
-      if self._background is not None:
+      if wrote:
         self._background.close()
     finally:
       self._background = None
-      if self._pending is not None and result is None:
-        self._pending = None  # failed before anything was written: no files
+      if self._pending is not None and (result is None or not wrote):
+        # Nothing to write (failed before it, or nothing trained): no files.
+        self._pending = None
       for writer in (self.train_writer, self.eval_writer):
         if writer is not None:
           writer.flush()

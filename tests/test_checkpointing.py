@@ -4,6 +4,7 @@ request, and checkpoints written by the code before the package was layered."""
 
 import json
 import os
+import signal
 import threading
 import time
 
@@ -416,7 +417,7 @@ class _EpochEvents(base.Hook):
     assert not any(x.is_deleted() for x in jax.tree.leaves(state))
 
 
-def _events_run(config, workdir, monkeypatch, **kwargs):
+def _events_run(config, workdir, monkeypatch, hooks=(), **kwargs):
   """(result, events, states given to the train function) of a run."""
   events, wrapped = [], []
   make = steps.make_train_fn
@@ -426,8 +427,8 @@ def _events_run(config, workdir, monkeypatch, **kwargs):
     return wrapped[-1]
 
   monkeypatch.setattr(steps, 'make_train_fn', make_train_fn)
-  result = ckpt_util.run(config, workdir, extra_hooks=[_EpochEvents(events)],
-                         **kwargs)
+  result = ckpt_util.run(config, workdir,
+                         extra_hooks=[_EpochEvents(events), *hooks], **kwargs)
   monkeypatch.setattr(steps, 'make_train_fn', make)
   return result, events, wrapped[0].given
 
@@ -607,3 +608,108 @@ def test_run_config_is_the_runs_with_the_command_lines_overrides(reference):
   assert got.eval_batch_size == 50 and got.lowering == 'reference'
   assert 'write_report' not in got
   assert command.data.source == 'tfds'  # the command's config is untouched
+
+
+class _CtrlCWhileDraining(base.Hook):
+  """Presses Ctrl-C (SIGINT to this process) while the loop fetches the
+  first dispatch's metrics: the next dispatch is then in flight."""
+
+  def __init__(self):
+    self.drained = []  # first steps of the dispatches handed to the hooks
+
+  def on_metrics(self, run, first_step, metrics):
+    self.drained.append(first_step)
+    if first_step == 0:
+      os.kill(os.getpid(), signal.SIGINT)
+
+
+@pytest.mark.parametrize('per_dispatch,stop_step', [
+    (5, 10),  # mid-epoch: the dispatch in flight (steps 6-10), no more
+    (10, 18),  # the one in flight ends the epoch: evaluated, then stopped
+])
+def test_ctrl_c_stops_at_the_step_in_flight(tiny_config, tmp_path, capsys,
+                                            per_dispatch, stop_step):
+  tiny_config.steps_per_dispatch = per_dispatch
+  tiny_config.checkpoint_every_steps = 0
+  hook = _CtrlCWhileDraining()
+  result = ckpt_util.run(tiny_config, str(tmp_path), extra_hooks=[hook])
+  out = capsys.readouterr().out
+  assert result['stopped_early'] and result['step'] == stop_step, out
+  assert (f'Interrupted: saved checkpoint at step {stop_step}; run the same '
+          'command again to resume.') in out
+  assert ckpt_util.steps(str(tmp_path)) == [stop_step]
+  # Every dispatched step's metrics reached the hooks (summaries) first.
+  assert hook.drained == list(range(0, stop_step, per_dispatch))
+  manager = checkpointing.create_manager(
+      checkpointing.checkpoint_dir(str(tmp_path)), read_only=True)
+  history = checkpointing.restore_items(manager, stop_step).run['history']
+  manager.close()
+  if stop_step == 18:  # epoch 1 evaluated and recorded before the stop
+    assert [r['step'] for r in history] == [18]
+    assert 'test_accuracy' in history[0] and 'Epoch   1 step     18' in out
+  else:
+    assert history == [] and 'Epoch   1' not in out
+
+
+def test_resuming_past_the_end_evaluates_the_restored_step(reference,
+                                                          tmp_path, capsys):
+  """Checkpoints up to step 30 and a run now 25 steps long: nothing to
+  train; step 30 is evaluated and reported, not epoch 1's (step 18) result."""
+  config, ref_workdir, _, _ = reference
+  workdir = str(tmp_path)
+  ckpt_util.copy_steps(ref_workdir, workdir, [10, 20, 30])
+  shorter = config.copy_and_resolve_references()
+  shorter.num_train_steps = 25
+  result = ckpt_util.run(shorter, workdir)
+  out = capsys.readouterr().out
+  assert 'Nothing to train: the run ends at step 25' in out
+  assert [(r['epoch'], r['step']) for r in result['epochs']] == [(1, 18),
+                                                                 (2, 30)]
+  assert result['step'] == 30 and not result.get('stopped_early')
+  at30 = shorter.copy_and_resolve_references()
+  at30.eval_step = 30
+  evaluated = evaluate.evaluate_checkpoint(at30, workdir)
+  for key in ('validation_accuracy', 'test_accuracy', 'test_loss'):
+    assert result['final'][key] == pytest.approx(evaluated[key], rel=1e-6)
+  assert (f"Final test accuracy: {evaluated['test_accuracy']:.2%}" in out)
+  assert ckpt_util.steps(workdir) == [10, 20, 30]  # nothing saved again
+
+
+class _CtrlCAtDispatch(base.Hook):
+  """Presses Ctrl-C as the dispatch that ends at `step` is queued."""
+
+  def __init__(self, step):
+    self.step = step
+
+  def on_steps(self, run, step, state):
+    if step == self.step:
+      os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_ctrl_c_with_the_last_step_in_flight_completes_the_run(
+    tiny_config, tmp_path, capsys):
+  tiny_config.num_train_steps = 18  # one epoch; dispatches 1-10, 11-18
+  tiny_config.steps_per_dispatch = 10
+  tiny_config.checkpoint_every_steps = 0
+  result = ckpt_util.run(tiny_config, str(tmp_path),
+                         extra_hooks=[_CtrlCAtDispatch(18)])
+  out = capsys.readouterr().out
+  assert not result.get('stopped_early') and result['step'] == 18, out
+  assert f"Final test accuracy: {result['final']['test_accuracy']:.2%}" in out
+  with open(os.path.join(str(tmp_path), 'metrics.json')) as f:
+    assert json.load(f)['final'] == result['final']
+
+
+def test_a_stop_at_an_overlapped_epoch_end_dispatches_nothing_ahead(
+    three_epochs, tmp_path, monkeypatch, capsys):
+  config, _, _, _, plain_params = three_epochs
+  config = config.copy_and_resolve_references()
+  config.overlap_epoch_end = 'yes'
+  result, events, _ = _events_run(config, str(tmp_path), monkeypatch,
+                                  hooks=[_CtrlCAtDispatch(36)])
+  assert result['stopped_early'] and result['step'] == 36
+  # Epoch 2 is evaluated and saved (ahead of it nothing is dispatched).
+  assert events[-2:] == [('dispatched', 36), ('end', 36)]
+  assert [r['step'] for r in result['epochs']] == [18, 36]
+  assert 'Interrupted: saved checkpoint at step 36' in capsys.readouterr().out
+  assert ckpt_util.steps(str(tmp_path))[-1] == 36

@@ -1,10 +1,13 @@
 """Ctrl-C in a real `launch.py` process: it saves, says so, exits 130, and
 the same command resumes; a second Ctrl-C aborts at once."""
 
+import glob
 import os
 import signal
 import subprocess
 import sys
+
+from tensorboard.backend.event_processing import event_file_loader
 
 from conftest import ROOT
 from conftest import tiny_config_for
@@ -59,13 +62,16 @@ def test_ctrl_c_saves_at_the_step_and_the_same_command_resumes(idx_dir,
   step = int(lines[0].split('saved checkpoint at step ')[1].split(';')[0])
   assert lines[0] == (f'Interrupted: saved checkpoint at step {step}; run the '
                       'same command again to resume.')
-  assert step > 18  # after epoch 1 (18 steps): the interrupt step itself
+  # Epoch 1 (18 steps) ended before the Ctrl-C: it stops there, or at the
+  # end of a dispatch already in flight (an epoch end, once evaluated).
+  assert step >= 18
   manager = checkpointing.create_manager(
       checkpointing.checkpoint_dir(workdir), read_only=True)
   assert step in manager.all_steps()
-  # `--mode info` lists it as what it was, not as a pre-emption.
+  # `--mode info` lists it as what it was, not as a pre-emption: an epoch
+  # end's save (with its metrics), or the interrupt's own.
   assert checkpointing.restore_items(manager, step).run['reason'] == (
-      'interrupted')
+      'periodic' if step % 18 == 0 else 'interrupted')
   manager.close()
 
   resumed = _start(workdir, config, '--config.num_epochs=3')
@@ -73,6 +79,12 @@ def test_ctrl_c_saves_at_the_step_and_the_same_command_resumes(idx_dir,
   assert resumed.returncode == 0, out[-3000:]
   assert f'Resuming from step {step}' in out
   assert 'Final test accuracy' in out
+  # TensorBoard's HParams: the run's, once (not again by the resumption).
+  tags = [v.tag for path in glob.glob(os.path.join(workdir, 'train',
+                                                    'events.out.tfevents.*'))
+          for event in event_file_loader.EventFileLoader(path).Load()
+          for v in event.summary.value]
+  assert tags.count('_hparams_/session_start_info') == 1
 
 
 def test_second_ctrl_c_aborts_at_once_and_keeps_earlier_checkpoints(

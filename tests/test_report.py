@@ -1,6 +1,7 @@
 """The report: valid PNGs of sensible size and a report.md with the numbers."""
 
 import os
+import types
 
 import jax
 import numpy as np
@@ -12,6 +13,7 @@ from mnist_jax import input_pipeline
 from mnist_jax import models
 from mnist_jax import report
 from mnist_jax import steps
+from mnist_jax.hooks import report as report_hook
 
 
 @pytest.fixture(scope='module')
@@ -101,3 +103,16 @@ def test_misclassified_orders_by_confidence(tmp_path, monkeypatch):
   assert n == 2
   assert shown == ['true 0 / pred 1\n95.0%', 'true 0 / pred 1\n70.0%']
 
+
+
+def test_a_stopped_run_writes_no_report(tmp_path):
+  """A pre-empted run resumes: no report in its grace time, and the last
+  completed run's report (here a stand-in) stays until the run ends."""
+  os.makedirs(tmp_path / 'report')
+  (tmp_path / 'report' / 'report.md').write_text('the last run\'s')
+  run = types.SimpleNamespace(workdir=str(tmp_path), config=None, data=None)
+  report_hook.ReportHook().on_train_end(
+      run, 5, None, {'stopped_early': True, 'stop_reason': 'SIGTERM',
+                     'epochs': [], 'final': {}, 'step': 5})
+  assert os.listdir(tmp_path / 'report') == ['report.md']
+  assert (tmp_path / 'report' / 'report.md').read_text() == "the last run's"

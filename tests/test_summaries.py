@@ -188,6 +188,23 @@ def test_training_scalars_average_the_window_across_dispatches():
   assert got[4]['accuracy'] == pytest.approx(0.5)
 
 
+def test_a_stop_writes_the_steps_since_the_last_write():
+  """A resumed run's first window starts after the stop: the steps before
+  it are written at the stop, not lost or averaged into the next window."""
+  hook = summaries.SummaryHook()
+  hook.train_writer = RecordingWriter()
+  run = types.SimpleNamespace(config=types.SimpleNamespace(log_every_steps=4),
+                              total_steps=10)
+  losses = np.arange(1.0, 7.0)
+  hook.on_metrics(run, 0, stacked_train_metrics(losses, losses / 100))
+  hook.on_stop(run, 6, None, 'SIGINT')
+  hook.on_stop(run, 6, None, 'SIGINT')  # nothing left: nothing written
+  hook.wait()
+  got = dict(hook.train_writer.scalars)
+  assert sorted(got) == [4, 6]
+  assert got[6]['loss'] == pytest.approx(5.5)  # mean of steps 5, 6
+
+
 def test_epoch_summaries_are_written_beside_the_loop(tmp_path, tiny_config):
   """on_epoch_end only dispatches the statistics: fetching and writing them
   happen on the hook's thread, after the parameters may be donated."""

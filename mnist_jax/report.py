@@ -95,7 +95,8 @@ def plot_learning_curves(curves, path: str) -> None:
     if metric == 'loss':
       ax.set_yscale('log')
     ax.grid(alpha=0.3)
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:  # (no curves yet: no legend)
+      ax.legend()
   fig.suptitle('Learning curves')
   fig.tight_layout()
   _save(fig, path)

@@ -2,6 +2,7 @@
 
 import os
 import types
+import warnings
 
 import jax
 import numpy as np
@@ -116,3 +117,11 @@ def test_a_stopped_run_writes_no_report(tmp_path):
                      'epochs': [], 'final': {}, 'step': 5})
   assert os.listdir(tmp_path / 'report') == ['report.md']
   assert (tmp_path / 'report' / 'report.md').read_text() == "the last run's"
+
+
+def test_curves_of_a_run_without_any_are_drawn_without_a_warning(tmp_path):
+  empty = {split: {} for split in report.SPLITS}
+  with warnings.catch_warnings():
+    warnings.simplefilter('error')  # matplotlib's "No artists with labels"
+    report.plot_learning_curves(empty, str(tmp_path / 'curves.png'))
+  assert os.path.getsize(tmp_path / 'curves.png')

@@ -375,6 +375,8 @@ class _Loop:
       _add_evaluation(record, evals)
       if first_step == self.first_step_of_run and compile_seconds is not None:
         record['compile_seconds'] = compile_seconds  # this session's first
+      if first_step > epoch * run.steps_per_epoch:  # resumed mid-epoch
+        record['resumed_at_step'] = first_step  # train_* cover steps after
       self.history.append(record)
       parallel.say(epoch_line(record))
       stop = (self.on_epoch is not None and parallel.is_lead()

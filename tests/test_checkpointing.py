@@ -69,6 +69,9 @@ def test_resume_mid_epoch_is_bitwise_identical(reference, tmp_path, capsys):
   # metrics.json carries the epochs of both processes.
   assert [r['step'] for r in result['epochs']] == [18, 36]
   assert result['final'] == ref_result['final']
+  # Epoch 2's training metrics cover steps 31-36, and it says so.
+  assert 'resumed_at_step' not in result['epochs'][0]
+  assert result['epochs'][1]['resumed_at_step'] == 30
 
 
 def test_config_change_that_alters_the_run_is_refused(reference):

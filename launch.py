@@ -106,8 +106,9 @@ def main(argv):
   except UserError as e:
     print(f'Error: {e}', file=sys.stderr, flush=True)
     sys.exit(2)
-  workdir = FLAGS.workdir or default_workdir(
-      flags.FLAGS['config'].config_filename)
+  # (`--workdir=~/x`: the shell leaves a `~` after `=` as it is.)
+  workdir = os.path.expanduser(FLAGS.workdir or default_workdir(
+      flags.FLAGS['config'].config_filename))
   logging.info('JAX process %d / %d; local devices: %s', jax.process_index(),
                jax.process_count(), jax.local_devices())
   logging.info('Workdir: %s', workdir)

@@ -81,13 +81,21 @@ def load(config) -> Mnist:
       says what to do.
   """
   source = config.data.source
+  # `--config.data.dir=~/x`: the shell leaves a `~` after `=` as it is.
+  folder = os.path.expanduser(config.data.dir)
   if source == 'tfds':
-    data_dir = config.data.dir or os.environ.get('TFDS_DATA_DIR') or ''
+    data_dir = folder or os.path.expanduser(
+        os.environ.get('TFDS_DATA_DIR') or '')
+    if _holds_idx_files(data_dir):
+      raise DataError(
+          f'{data_dir} holds the MNIST IDX files, not a TFDS data dir: read '
+          'them with --config.data.source=idx (or point data.dir at a '
+          'tensorflow_datasets folder).')
     train, test = _cached(
-        _tfds_files(data_dir), config.data.cache_dir,
+        _tfds_files(data_dir), os.path.expanduser(config.data.cache_dir),
         lambda: _load_tfds(data_dir, config.data.download))
   elif source == 'idx':
-    train, test = _load_idx(config.data.dir)
+    train, test = _load_idx(folder)
   else:  # config_lib.validate names the sources
     raise DataError(f'Unknown data source {source!r}.')
   n_val = config.data.num_validation
@@ -248,15 +256,24 @@ def _load_idx(folder: str) -> tuple[Split, Split]:
   if not folder:
     raise DataError('data.source=idx needs --config.data.dir=<folder with the '
                     'four MNIST IDX files> (the tutorial\'s MNIST_data/).')
-  arrays = {}
+  arrays, paths = {}, {}
   for key, name in IDX_FILES.items():
-    path = _find_idx_file(folder, name)
-    arrays[key] = read_idx(path, ndim=3 if key.endswith('images') else 1)
-  train = _make_split(arrays['train_images'][..., None], arrays['train_labels'],
-                      os.path.join(folder, IDX_FILES['train_images']))
-  test = _make_split(arrays['test_images'][..., None], arrays['test_labels'],
-                     os.path.join(folder, IDX_FILES['test_images']))
-  return train, test
+    paths[key] = _find_idx_file(folder, name)
+    arrays[key] = read_idx(paths[key], ndim=3 if key.endswith('images') else 1)
+  return tuple(
+      _make_split(arrays[f'{split}_images'][..., None],
+                  arrays[f'{split}_labels'], paths[f'{split}_images'],
+                  labels_from=paths[f'{split}_labels'])
+      for split in ('train', 'test'))
+
+
+def _holds_idx_files(folder: str) -> bool:
+  """Whether `folder` has the four IDX files (and no TFDS `mnist/`)."""
+  if not folder or os.path.isdir(os.path.join(folder, 'mnist')):
+    return False
+  return all(any(os.path.isfile(os.path.join(folder, name + ext))
+                 for ext in ('.gz', ''))
+             for name in IDX_FILES.values())
 
 
 def _find_idx_file(folder: str, name: str) -> str:
@@ -308,14 +325,19 @@ def read_idx(path: str, ndim: int) -> np.ndarray:
   return np.frombuffer(raw, np.uint8, offset=header).reshape(shape)
 
 
-def _make_split(images: np.ndarray, labels: np.ndarray, what: str) -> Split:
+def _make_split(images: np.ndarray, labels: np.ndarray, what: str,
+                labels_from: str | None = None) -> Split:
+  """A checked split; errors name `what` (and `labels_from` for labels)."""
   images = np.ascontiguousarray(images, dtype=np.uint8)
   labels = np.asarray(labels)
   if images.shape[1:] != IMAGE_SHAPE or len(images) != len(labels):
-    raise DataError(f'{what}: unexpected shapes {images.shape} / {labels.shape}'
-                    f', expected [N, 28, 28, 1] images and [N] labels.')
+    both = f'{what} and {labels_from}' if labels_from else what
+    raise DataError(f'{both}: unexpected shapes {images.shape} / '
+                    f'{labels.shape}, expected [N, 28, 28, 1] images and [N] '
+                    'labels.')
   if labels.size and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
-    raise DataError(f'{what}: labels outside 0..{NUM_CLASSES - 1}.')
+    raise DataError(f'{labels_from or what}: labels outside '
+                    f'0..{NUM_CLASSES - 1}.')
   return Split(images, labels.astype(np.int32))
 
 

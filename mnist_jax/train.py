@@ -96,6 +96,7 @@ def enable_compilation_cache(cache_dir: str) -> str | None:
   """
   if cache_dir == 'none':
     return None
+  cache_dir = os.path.expanduser(cache_dir)
   if not cache_dir:
     cache_dir = os.path.join(
         os.environ.get('XDG_CACHE_HOME', os.path.expanduser('~/.cache')),

@@ -7,6 +7,7 @@ import jax
 import numpy as np
 import pytest
 
+import conftest
 from conftest import make_digits, write_idx_dataset
 from mnist_jax import input_pipeline
 from mnist_jax import models
@@ -181,3 +182,42 @@ def test_hiding_gpus_from_tensorflow_happens_once(monkeypatch):
   tf_setup.hide_accelerators_from_tf()
   tf_setup.hide_accelerators_from_tf()
   assert calls == [([], 'GPU')]
+
+
+def test_home_in_data_paths_is_expanded(tmp_path, tiny_config, monkeypatch):
+  """`--config.data.dir=~/x`: the shell leaves that `~` alone; we do not."""
+  monkeypatch.setenv('HOME', str(tmp_path))
+  write_idx_dataset(str(tmp_path / 'MNIST_data'))
+  tiny_config.data.dir = '~/MNIST_data'
+  assert len(input_pipeline.load(tiny_config).test) == 230
+  tfds = pytest.importorskip('tensorflow_datasets')
+  record = tmp_path / 'tfds' / 'mnist' / '3.0.1' / 'mnist-train.tfrecord-0'
+  record.parent.mkdir(parents=True)
+  record.write_bytes(b'x')  # a file to key the decoded cache on
+  tiny_config.data.source = 'tfds'
+  tiny_config.data.dir = '~/tfds'
+  tiny_config.data.cache_dir = '~/cache'
+  tiny_config.data.num_validation = 20
+  with tfds.testing.mock_data(num_examples=60):
+    input_pipeline.load(tiny_config)
+  assert len(list((tmp_path / 'cache').glob('mnist-*.npz'))) == 1
+  assert not os.path.exists('~')  # no folder named '~' here
+
+
+def test_idx_folder_given_to_the_tfds_source_says_use_idx(tmp_path,
+                                                          tiny_config):
+  tiny_config.data.source = 'tfds'
+  tiny_config.data.dir = write_idx_dataset(str(tmp_path / 'MNIST_data'))
+  with pytest.raises(DataError, match=r'holds the MNIST IDX files, not a TFDS '
+                     r'data dir: read them with --config.data.source=idx'):
+    input_pipeline.load(tiny_config)
+
+
+def test_bad_labels_name_the_labels_file(tmp_path, tiny_config):
+  folder = write_idx_dataset(str(tmp_path))
+  labels = np.full(230, 12, np.uint8)
+  conftest.write_idx(os.path.join(folder, 't10k-labels-idx1-ubyte.gz'), labels)
+  tiny_config.data.dir = folder
+  with pytest.raises(DataError, match=r't10k-labels-idx1-ubyte\.gz: labels '
+                     r'outside 0\.\.9'):
+    input_pipeline.load(tiny_config)

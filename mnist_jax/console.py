@@ -78,6 +78,8 @@ def setup(verbose: bool | None = None) -> None:
     # TensorFlow's and XLA's C++ INFO lines (oneDNN notices and the like).
     os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
     sys.unraisablehook = _unraisable_to_log
+  if not isinstance(sys.stdout, _SurvivesClosedPipe):
+    sys.stdout = _SurvivesClosedPipe(sys.stdout)
   if FLAGS['logtostderr'].value:
     return  # absl writes every record to stderr only: nothing to route.
   absl_logging.use_absl_handler()
@@ -239,6 +241,68 @@ def _unraisable_to_log(unraisable) -> None:
            else f'Exception ignored in: {unraisable.object!r}\n')
   _write_to_log(where + ''.join(traceback.format_exception(
       unraisable.exc_type, unraisable.exc_value, unraisable.exc_traceback)))
+
+
+class StreamProxy(io.TextIOBase):
+  """A text stream that passes everything on to `stream`; subclasses
+  change what `write` does."""
+
+  def __init__(self, stream):
+    super().__init__()
+    self.stream = stream
+
+  def write(self, s: str) -> int:
+    return self.stream.write(s)
+
+  def flush(self) -> None:
+    self.stream.flush()
+
+  def isatty(self) -> bool:
+    return self.stream.isatty()
+
+  def fileno(self) -> int:
+    return self.stream.fileno()
+
+  @property
+  def encoding(self):
+    return self.stream.encoding
+
+  def __getattr__(self, name):  # the rest as the stream has it (`buffer`)
+    return getattr(self.stream, name)
+
+
+class _SurvivesClosedPipe(StreamProxy):
+  """stdout whose reader went away (`launch.py ... | head`): the run goes
+  on without printing, rather than dying of a BrokenPipeError."""
+
+  closed_pipe = False
+
+  def write(self, s: str) -> int:
+    if not self.closed_pipe:
+      try:
+        return self.stream.write(s)
+      except BrokenPipeError:
+        self._reader_gone()
+    return len(s)
+
+  def flush(self) -> None:
+    if not self.closed_pipe:
+      try:
+        self.stream.flush()
+      except BrokenPipeError:
+        self._reader_gone()
+
+  def _reader_gone(self) -> None:
+    self.closed_pipe = True
+    try:  # what is still buffered (and the exit's flush) goes nowhere
+      devnull = os.open(os.devnull, os.O_WRONLY)
+      os.dup2(devnull, self.stream.fileno())
+      os.close(devnull)
+    except (OSError, ValueError):
+      pass
+    logging.warning('The console output was closed (its reader exited): '
+                    'the run goes on without printing; its results go to '
+                    'the workdir.')
 
 
 class _Buffer(io.StringIO):

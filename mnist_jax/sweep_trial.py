@@ -20,7 +20,6 @@ ends and writes its TensorBoard HParams.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import queue
@@ -193,14 +192,14 @@ def _quiet_console(verbosity: int | None) -> tuple[_Tagged, _Tagged]:
   return sys.stdout, sys.stderr
 
 
-class _Tagged(io.TextIOBase):
+class _Tagged(console.StreamProxy):
   """A text stream that starts each line with `tag` (the running point's
   name): Ray prefixes a trial's lines with its process, which runs one
   point after another."""
 
   def __init__(self, stream):
-    super().__init__()
-    self.stream, self.tag = stream, ''
+    super().__init__(stream)
+    self.tag = ''
     self._line_start = True
     self._lock = threading.Lock()
 
@@ -212,22 +211,6 @@ class _Tagged(io.TextIOBase):
         self._line_start = line.endswith(('\n', '\r'))
       self.stream.write(''.join(parts))
     return len(s)
-
-  def flush(self) -> None:
-    self.stream.flush()
-
-  def isatty(self) -> bool:
-    return self.stream.isatty()
-
-  def fileno(self) -> int:
-    return self.stream.fileno()
-
-  @property
-  def encoding(self):
-    return self.stream.encoding
-
-  def __getattr__(self, name):  # the rest as the stream has it (`buffer`)
-    return getattr(self.stream, name)
 
 
 # ------------------------------------------------------- on the driver

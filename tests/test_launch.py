@@ -120,3 +120,25 @@ def test_mode_config_lists_every_field_as_the_run_would_use_it(tmp_path):
   assert proc.returncode == 2
   assert proc.stderr.strip() == ('Error: config.batch_size=0: must be a '
                                  'positive integer.')
+
+
+def test_training_goes_on_when_its_output_is_closed(idx_dir, tmp_path):
+  """`launch.py ... | head -1`: the reader exits; the run must not die."""
+  workdir = tmp_path / 'run'
+  proc = subprocess.Popen(
+      [sys.executable, os.path.join(ROOT, 'launch.py'),
+       '--config', os.path.join(ROOT, 'configs/default.py'),
+       '--workdir', str(workdir), '--config.data.source=idx',
+       f'--config.data.dir={idx_dir}', '--config.data.num_validation=100',
+       '--config.batch_size=32', '--config.num_epochs=2',
+       '--config.num_train_steps=30', '--config.write_report=False'],
+      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+      env=dict(os.environ, PYTHONUNBUFFERED='1'))
+  proc.stdout.readline()  # as `head -1`
+  proc.stdout.close()
+  err = proc.communicate(timeout=240)[1]
+  assert proc.returncode == 0, err[-3000:]
+  assert 'The console output was closed (its reader exited)' in err
+  assert 'Traceback' not in err and 'BrokenPipe' not in err, err[-3000:]
+  with open(workdir / 'metrics.json') as f:
+    assert json.load(f)['step'] == 30

@@ -42,7 +42,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.steps_per_dispatch = 50
   config.checkpoint_every_steps = 500  # A multiple of steps_per_dispatch.
   config.data.source = 'tfds'
-  config.data.download = 'false'  # Prepared once in the bucket (README); hosts never download.
+  config.data.download = 'false'  # Prepared once in the bucket (docs/scaling.md); hosts never download.
   config.write_report = True
 
   for part in filter(None, (arg or '').split(',')):

@@ -171,10 +171,10 @@ def _imported_siblings(path: str) -> list[str]:
 
 
 def describe(config, config_file: str, overridden=()) -> list[str]:
-  """`--mode config`: a line per field, `name = value` and its comment from
-  the config file (or a config file beside it that it imports, e.g. the
-  default config it builds on), in the files' order; fields set on the
-  command line (`overridden`) marked `*`.
+  """`--mode config`: a line per field, `name = value` and its comment: from
+  a config file beside it that it imports (e.g. the default config it builds
+  on), with the file's own note in brackets, or from the file; in the files'
+  order; fields set on the command line (`overridden`) marked `*`.
 
   Args:
     config: the config as a run would use it (overrides applied).
@@ -182,10 +182,13 @@ def describe(config, config_file: str, overridden=()) -> list[str]:
     overridden: the dotted fields the command line set.
   """
   comments: dict[str, str] = {}
-  try:  # In the base file's order; the file's own comments win.
+  try:  # In the base file's order: what a field means, then the file's note.
     for path in [*_imported_siblings(config_file), config_file]:
       for field, comment in _assignments(path).items():
-        comments[field] = comment or comments.get(field, '')
+        meaning = comments.get(field, '')
+        if comment and meaning and path == config_file:
+          comment = f'{meaning} [{os.path.basename(path)}: {comment}]'
+        comments[field] = comment or meaning
   except (OSError, SyntaxError, tokenize.TokenError, ValueError):
     comments = {}  # values without comments rather than no answer
   leaves = {}

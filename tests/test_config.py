@@ -132,7 +132,7 @@ def test_describe_takes_comments_from_the_file_and_its_base(tmp_path):
   lines = config_lib.describe(config, str(tmp_path / 'child.py'), {'rate'})
   assert lines == [
       "  sub.tag = 'a#b'  The tag.",
-      "* rate = 0.5       The child's rate.",
+      "* rate = 0.5       The rate. [child.py: The child's rate.]",
       '  bare = 1',
       '  extra = (1, 2)',
       '  unlisted = None',

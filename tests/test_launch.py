@@ -113,7 +113,9 @@ def test_mode_config_lists_every_field_as_the_run_would_use_it(tmp_path):
   # Comments: the base config's (default.py), unless tpu.py has its own.
   assert by_field['batch_size'].startswith('  batch_size = 512 ')
   assert by_field['batch_size'].endswith('Global training batch size.')
-  assert by_field['data.download'].endswith('hosts never download.')
+  assert by_field['data.download'].endswith(
+      "'false': never (offline/TPU). [tpu.py: Prepared once in the bucket "
+      "(docs/scaling.md); hosts never download.]")
   assert not workdir.exists()  # Nothing started, nothing written.
   proc = _launch(['--config', os.path.join(ROOT, 'configs/default.py'),
                   '--config.batch_size=0', '--mode', 'config'])

@@ -7,14 +7,12 @@ The full grid (9 points of the default 20-epoch run), each point in
   python launch.py --config configs/sweep_lr.py --sweep --workdir runs/sweep_lr
 
 A short version (2 x 2 points, 1 epoch each) that fits a busy laptop; its
-measured table (Ray vs the earlier process-pool runner) is in docs/sweeps.md:
+measured tables, with the machine and the data source, are in docs/sweeps.md
+(validation accuracies and rankings differ between the TFDS and IDX sources,
+whose validation images differ: docs/data.md):
 
   python launch.py --config configs/sweep_lr.py:quick --sweep \
       --workdir runs/sweep_lr_quick
-
-Measured (`:quick` on the IDX files, a busy 2-core AMD EPYC CPU, 5-8 min per
-point): best validation accuracy 97.4-98.2% after one epoch, ranked first
-initial_learning_rate=0.003,batch_size=512 (98.24%; test 98.39%).
 
 Every `--config.*` override applies to all points (e.g. `--config.data.source=
 idx --config.data.dir=MNIST_data`); the points run as Ray Tune trials, on this

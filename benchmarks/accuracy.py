@@ -12,7 +12,6 @@ Extra `--set key=value` arguments override the config (e.g. num_epochs=5).
 import argparse
 import os
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -33,7 +32,7 @@ def main():
   config = default.get_config()
   for assignment in args.set:
     common.override(config, assignment)
-  workdir = args.workdir or tempfile.mkdtemp(prefix='mnist_acc_')
+  workdir = args.workdir or common.scratch_dir('mnist_acc_')
   t0 = time.perf_counter()
   result = train.train_and_evaluate(config, workdir)
   total = time.perf_counter() - t0
@@ -48,17 +47,18 @@ def main():
     if reached is None and r.get('test_accuracy', 0) >= args.target:
       reached = {'epoch': r['epoch'], 'step': r['step'],
                  'train_seconds': train_seconds}
-  print(f"{'epoch':>5} {'step':>6} {'test acc':>9} {'val acc':>9} "
-        f"{'img/s':>7} {'train s':>8}")
-  for e, s, t, v, ips, ts in rows:
-    print(f'{e:5d} {s:6d} {t:9.2%} {v:9.2%} {ips:7.0f} {ts:8.1f}')
-  final = result['final']['test_accuracy']
-  print(f'final test accuracy {final:.2%}; total wall time {total:.0f} s; '
-        f'{args.target:.1%} reached: {reached}')
+  final = result['final'].get('test_accuracy')
   common.write_json(args.out, {
       'machine': common.machine_info(), 'config': config.to_dict(),
       'epochs': result['epochs'], 'final_test_accuracy': final,
       'total_seconds': total, 'target': args.target, 'reached': reached})
+  pct = lambda x: f'{x:9.2%}' if x is not None else f'{"-":>9}'  # pylint: disable=g-long-lambda
+  print(f"{'epoch':>5} {'step':>6} {'test acc':>9} {'val acc':>9} "
+        f"{'img/s':>7} {'train s':>8}")
+  for e, s, t, v, ips, ts in rows:
+    print(f'{e:5d} {s:6d} {pct(t)} {pct(v)} {ips:7.0f} {ts:8.1f}')
+  print(f'final test accuracy {pct(final).strip()}; total wall time '
+        f'{total:.0f} s; {args.target:.1%} reached: {reached}')
 
 
 if __name__ == '__main__':

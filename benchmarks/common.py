@@ -1,12 +1,15 @@
 """Shared benchmark helpers: machine description, timing statistics, JSON."""
 
+import atexit
 import json
 import importlib.metadata
 import os
 import platform
 import re
+import shutil
 import statistics
 import sys
+import tempfile
 
 import ml_dtypes
 import numpy as np
@@ -17,16 +20,37 @@ _CPU_FEATURES = ('avx2', 'avx512f', 'avx512_bf16', 'avx512_vnni', 'amx_bf16',
                  'amx_tile')
 
 
+def scratch_dir(prefix: str) -> str:
+  """A new temporary folder (a run's workdir: checkpoints, ~40 MB each),
+  removed when the benchmark's process exits."""
+  path = tempfile.mkdtemp(prefix=prefix)
+  atexit.register(shutil.rmtree, path, ignore_errors=True)
+  return path
+
+
 def override(config, assignment: str) -> None:
   """Applies one `--set key.sub=value` to `config`, in the key's own type."""
-  key, value = assignment.split('=', 1)
+  key, eq, value = assignment.partition('=')
   *parents, leaf = key.split('.')
   node = config
-  for p in parents:
-    node = node[p]
-  old = node[leaf]
-  node[leaf] = (value.lower() in ('1', 'true') if isinstance(old, bool)
-                else type(old)(value))
+  try:
+    if not eq:
+      raise ValueError('not key=value')
+    for p in parents:
+      node = node[p]
+    old = node[leaf]
+    if isinstance(old, bool):
+      if value.lower() not in ('1', 'true', 'yes', '0', 'false', 'no'):
+        raise ValueError('not true or false')
+      node[leaf] = value.lower() in ('1', 'true', 'yes')
+    else:
+      node[leaf] = type(old)(value)
+  except (KeyError, AttributeError):
+    raise SystemExit(f'Error: --set {assignment}: no config field {key!r} '
+                     '(--set field.sub=value).') from None
+  except (ValueError, TypeError) as e:
+    raise SystemExit(f'Error: --set {assignment}: {e}; give the field a '
+                     'value of its type.') from None
 
 
 def machine_info() -> dict:

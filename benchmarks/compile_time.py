@@ -13,7 +13,6 @@ cache off, in a fresh process per mode.
 import argparse
 import os
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -36,13 +35,15 @@ def main():
       'mnist'))
   parser.add_argument('--set', action='append', default=[],
                       help='config override key=value (repeatable)')
+  parser.add_argument('--out', default='',
+                      help='JSON file for the results (default: none)')
   args = parser.parse_args()
   config = default.get_config()
   config.data.source, config.data.dir = 'idx', args.data_dir
   config.compilation_cache_dir = 'none'
   for assignment in args.set:
     common.override(config, assignment)
-  ctx = train.setup(config, tempfile.mkdtemp(prefix='bench_compile_'))
+  ctx = train.setup(config, common.scratch_dir('bench_compile_'))
   n = len(ctx.data.train)
   state = parallel.put_replicated(steps.create_train_state(
       config, ctx.model, n, ctx.rngs['init']), ctx.mesh)
@@ -61,8 +62,13 @@ def main():
       state, metrics = fn(state, data, perm, ctx.rngs['dropout'], num_steps=k)
       jax.block_until_ready(metrics)
     seconds[k] = time.perf_counter() - t0
+  machine = common.machine_info()
   print(f'COMPILE {args.mode} {config.dtype} on {jax.devices()[0].device_kind}'
-        ': ' + ', '.join(f'k={k} {s:.2f} s' for k, s in seconds.items()))
+        f' ({machine["cpu"]}): '
+        + ', '.join(f'k={k} {s:.2f} s' for k, s in seconds.items()))
+  common.write_json(args.out, {
+      'machine': machine, 'mode': args.mode, 'overrides': args.set,
+      'seconds_by_dispatch_length': seconds})
 
 
 if __name__ == '__main__':

@@ -29,7 +29,6 @@ import collections
 import functools
 import os
 import sys
-import tempfile
 import threading
 import time
 
@@ -75,7 +74,7 @@ def _run(config, times, hooks=None) -> dict:
   ends = []
   t0 = time.perf_counter()
   result = train.train_and_evaluate(
-      config, tempfile.mkdtemp(prefix='mnist_overhead_'), hooks=hooks,
+      config, common.scratch_dir('mnist_overhead_'), hooks=hooks,
       on_epoch=lambda record: ends.append(time.perf_counter()))
   total = time.perf_counter() - t0
   epochs = result['epochs']

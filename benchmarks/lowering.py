@@ -174,13 +174,13 @@ def _rate(fn, images_per_call, calls_per_window, windows):
   """
   rates, cpu_rates = [], []
   for _ in range(windows):
-    cpu0 = sum(os.times()[:2])
+    cpu0 = time.process_time()
     start = time.perf_counter()
     for _ in range(calls_per_window):
       fn()
     images = images_per_call * calls_per_window
     rates.append(images / (time.perf_counter() - start))
-    cpu_rates.append(images / max(sum(os.times()[:2]) - cpu0, 1e-9))
+    cpu_rates.append(images / max(time.process_time() - cpu0, 1e-9))
   return {'median': statistics.median(rates), 'min': min(rates),
           'max': max(rates), 'windows': [round(r, 1) for r in rates],
           'per_cpu_s_median': statistics.median(cpu_rates)}

@@ -67,12 +67,12 @@ def bench(fn, *args, calls: int) -> tuple[float, float]:
   jax.block_until_ready(fn(*args))
   jax.block_until_ready(fn(*args))
   times = []
-  cpu0 = sum(os.times()[:2])
+  cpu0 = time.process_time()
   for _ in range(calls):
     t0 = time.perf_counter()
     jax.block_until_ready(fn(*args))
     times.append(time.perf_counter() - t0)
-  cpu = (sum(os.times()[:2]) - cpu0) / calls
+  cpu = (time.process_time() - cpu0) / calls
   return 1000 * statistics.median(times), 1000 * cpu
 
 
@@ -155,9 +155,10 @@ def torch_ops(args) -> dict:
 
 
 def markdown(machine: dict, table: dict, load: list, unit: str,
-             header: bool = True) -> str:
+             header: bool = True, batch: int = 512) -> str:
   lines = [] if not header else [
-      "# Per-op time of one training step, batch 512: XLA:CPU vs PyTorch",
+      f"# Per-op time of one training step, batch {batch}: XLA:CPU vs "
+      "PyTorch",
       '',
       f"Machine: {machine['cpu']} ({machine['cpu_vendor']}, family/model "
       f"{machine['cpu_family_model']}, {machine['cpu_cores']} cores; "
@@ -178,8 +179,10 @@ def markdown(machine: dict, table: dict, load: list, unit: str,
   cell = lambda x: f"{x['median']:.1f} ({x['min']:.1f}-{x['max']:.1f})"  # noqa: E731
   for op, what in OPS:
     t, x, p = (table[n][op] for n in ('torch', 'xla_only', 'jax'))
+    ratio = (f"{p['median'] / t['median']:.2f}" if t['median'] > 0
+             else '-')  # (an op too fast to time)
     lines.append(f"| {op} | {what} | {cell(t)} | {cell(x)} | {cell(p)} | "
-                 f"{p['median'] / t['median']:.2f} |")
+                 f"{ratio} |")
   for name in ('torch', 'xla_only', 'jax'):
     parts = sum(table[name][op]['median'] for op, _ in OPS[:-1])
     lines.append(f"\nSum of the ops, {name}: {parts:.0f}; whole step "
@@ -227,7 +230,7 @@ def main():
   cpu_table = {name: {op: common.summarize(run[op] for run in cpu_runs[name])
                       for op, _ in OPS} for name in runs}
   machine = common.machine_info()
-  md = markdown(machine, table, load, 'Wall ms')
+  md = markdown(machine, table, load, 'Wall ms', batch=args.batch)
   md += '\n' + markdown(machine, cpu_table, load, 'CPU ms (all threads)',
                         header=False)
   print(md)

@@ -21,7 +21,6 @@ import argparse
 import os
 import resource
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -58,7 +57,7 @@ def make_bare_epoch(config):
   training state and returns its images/s. The first call compiles every
   dispatch length, so time from the second call on.
   """
-  ctx = train.setup(config, tempfile.mkdtemp(prefix='bench_bare_'))
+  ctx = train.setup(config, common.scratch_dir('bench_bare_'))
   n = len(ctx.data.train)
   holder = {'state': parallel.put_replicated(steps.create_train_state(
       config, ctx.model, n, ctx.rngs['init']), ctx.mesh)}
@@ -96,7 +95,7 @@ def end_to_end(config, windows: int):
   config = config.copy_and_resolve_references()
   config.num_epochs = windows + 1
   clock = _EpochClock()
-  workdir = tempfile.mkdtemp(prefix='bench_e2e_')
+  workdir = common.scratch_dir('bench_e2e_')
   result = train.train_and_evaluate(
       config, workdir, hooks=train.default_hooks(config) + [clock])
   epochs = result['epochs'][1:]  # the first epoch compiles
@@ -145,7 +144,11 @@ def main():
   args = parser.parse_args()
   base = default.get_config()
   base.data.source = args.source
-  base.data.dir = args.data_dir if args.source == 'idx' else base.data.dir
+  # --data_dir: the IDX folder, or the TFDS data dir (given on the command
+  # line; else TFDS_DATA_DIR / TFDS's default as a run does).
+  default_dir = parser.get_default('data_dir')
+  if args.source == 'idx' or args.data_dir != default_dir:
+    base.data.dir = args.data_dir
   for assignment in args.set:
     common.override(base, assignment)
   ks = [int(k) for k in args.k.split(',')] if args.k else [
@@ -167,13 +170,14 @@ def main():
     rows.append(row)
     del ctx, state
 
+  print(f"{common.machine_info()['cpu']}, {jax.devices()[0].device_kind}:")
   print(f"{'k':>3} {'bare img/s':>22} {'e2e train img/s':>22} {'ratio':>6} "
         f"{'e2e incl. eval img/s':>22} {'eval 10k s':>16}")
   fmt = lambda s: f"{s['median']:7.0f} ({s['min']:.0f}-{s['max']:.0f})"
   for r in rows:
     print(f"{r['k']:3d} {fmt(r['bare']):>22} "
           f"{fmt(r['e2e_train']) if 'e2e_train' in r else '-':>22} "
-          f"{r.get('ratio', float('nan')):6.1%} "
+          f"{format(r['ratio'], '6.1%') if 'ratio' in r else '-':>6} "
           f"{fmt(r['e2e_whole_loop']) if 'e2e_whole_loop' in r else '-':>22} "
           f"{r['eval_test_seconds']['median']:7.3f} "
           f"({r['eval_test_seconds']['min']:.3f}-"

@@ -23,12 +23,12 @@ def bench(fn, calls: int) -> tuple[float, float]:
   fn()
   fn()
   times = []
-  cpu0 = sum(os.times()[:2])
+  cpu0 = time.process_time()
   for _ in range(calls):
     t0 = time.perf_counter()
     fn()
     times.append(time.perf_counter() - t0)
-  cpu = (sum(os.times()[:2]) - cpu0) / calls
+  cpu = (time.process_time() - cpu0) / calls
   return 1000 * statistics.median(times), 1000 * cpu
 
 

@@ -30,7 +30,6 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -198,7 +197,7 @@ def accuracy_campaign(args) -> dict:
   load['project'] = _load()
   t0 = time.perf_counter()
   result = train.train_and_evaluate(
-      config, tempfile.mkdtemp(prefix='vs_torch_acc_'))
+      config, common.scratch_dir('vs_torch_acc_'))
   wall = time.perf_counter() - t0
   project_epochs = [{'epoch': r['epoch'], 'test_acc': r['test_accuracy'],
                      'train_s': r['train_seconds']} for r in result['epochs']]

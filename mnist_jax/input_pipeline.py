@@ -11,7 +11,9 @@ pure function of (seed, epoch).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import glob
 import gzip
 import hashlib
 import os
@@ -32,6 +34,7 @@ from mnist_jax.errors import DataError
 
 NUM_CLASSES = 10
 IMAGE_SHAPE = (28, 28, 1)
+MAX_CACHED_DATASETS = 4  # decoded TFDS datasets kept in the cache dir
 
 IDX_FILES = {
     'train_images': 'train-images-idx3-ubyte',
@@ -235,8 +238,11 @@ def _cached(files: list[str], cache_dir: str, load_fn):
   path = os.path.join(cache_dir, f'mnist-{key.hexdigest()[:16]}.npz')
   try:
     with np.load(path) as z:
-      return (Split(z['train_images'], z['train_labels']),
-              Split(z['test_images'], z['test_labels']))
+      splits = (Split(z['train_images'], z['train_labels']),
+                Split(z['test_images'], z['test_labels']))
+    with contextlib.suppress(OSError):
+      os.utime(path)  # recently used: kept by `_prune_cache`
+    return splits
   except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):
     pass  # absent or unreadable: decode again and rewrite
   train, test = load_fn()
@@ -246,9 +252,21 @@ def _cached(files: list[str], cache_dir: str, load_fn):
     np.savez(tmp, train_images=train.images, train_labels=train.labels,
              test_images=test.images, test_labels=test.labels)
     os.replace(tmp, path)  # atomic: concurrent runs never see half a file
+    _prune_cache(cache_dir)
   except OSError:
     pass  # a read-only cache dir only costs speed
   return train, test
+
+
+def _prune_cache(cache_dir: str, keep: int = MAX_CACHED_DATASETS) -> None:
+  """Deletes all but the `keep` most recently used decoded datasets (each
+  ~55 MB; a moved or touched data dir makes a new one)."""
+  files = glob.glob(os.path.join(cache_dir, 'mnist-*.npz'))
+  files.sort(key=lambda f: os.path.getmtime(f) if os.path.exists(f) else 0,
+             reverse=True)
+  for stale in files[keep:]:
+    with contextlib.suppress(OSError):
+      os.remove(stale)
 
 
 def _load_idx(folder: str) -> tuple[Split, Split]:

@@ -171,6 +171,16 @@ def test_tfds_decoded_cache_is_keyed_by_the_source_files(tmp_path, tiny_config,
     record.write_bytes(b'changed data')  # a changed dataset is read again
     input_pipeline.load(tiny_config)
     assert len(calls) == n_calls + 2
+    # Only the most recently used datasets stay (each ~55 MB for MNIST).
+    cached = lambda: sorted((tmp_path / 'cache').glob('mnist-*.npz'))  # pylint: disable=g-long-lambda
+    assert len(cached()) == 2
+    newest = max(cached(), key=os.path.getmtime)
+    for i in range(input_pipeline.MAX_CACHED_DATASETS + 1):
+      record.write_bytes(b'version %d' % i)
+      os.utime(record, (1000 + i, 1000 + i))
+      input_pipeline.load(tiny_config)
+    assert len(cached()) == input_pipeline.MAX_CACHED_DATASETS
+    assert newest not in cached()
 
 
 def test_hiding_gpus_from_tensorflow_happens_once(monkeypatch):

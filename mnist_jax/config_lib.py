@@ -77,7 +77,10 @@ def validate(config) -> None:
         'GPU/TPU) or a positive number of steps.')
   check(config.overlap_epoch_end in OVERLAP_EPOCH_END, 'overlap_epoch_end',
         f'use one of {OVERLAP_EPOCH_END}.')
-  check(config.data.num_validation > 0, 'data.num_validation', 'must be > 0.')
+  check(is_int(config.data.num_validation)
+        and config.data.num_validation >= 0, 'data.num_validation',
+        'must be an integer >= 0 (0: train on every training image, no '
+        'validation set).')
   try:
     download_setting(config.data.download)
   except ValueError:

@@ -58,8 +58,9 @@ def evaluate_checkpoint(config, workdir: str) -> dict[str, Any]:
     os.makedirs(os.path.join(workdir, 'eval'), exist_ok=True)
     with open(os.path.join(workdir, 'eval', 'metrics.json'), 'w') as f:
       json.dump(record, f, indent=1)
-  parallel.say(f"Checkpoint {record['checkpoint']}: validation accuracy "
-               f"{record['validation_accuracy']:.2%}, test loss "
+  validation = (f"validation accuracy {record['validation_accuracy']:.2%}, "
+                if 'validation_accuracy' in record else '')
+  parallel.say(f"Checkpoint {record['checkpoint']}: {validation}test loss "
                f"{record['test_loss']:.4g}")
   parallel.say(f"Final test accuracy: {record['test_accuracy']:.2%}")
   return record

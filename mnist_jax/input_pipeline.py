@@ -102,9 +102,9 @@ def load(config) -> Mnist:
   else:  # config_lib.validate names the sources
     raise DataError(f'Unknown data source {source!r}.')
   n_val = config.data.num_validation
-  if not 0 < n_val < len(train):
+  if not 0 <= n_val < len(train):
     raise DataError(
-        f'config.data.num_validation={n_val} must be in (0, {len(train)}):'
+        f'config.data.num_validation={n_val} must be in [0, {len(train)}):'
         f' the training split has only {len(train)} images.')
   return Mnist(
       train=Split(train.images[n_val:], train.labels[n_val:]),

@@ -396,6 +396,10 @@ def validate_sweep(config: ml_collections.ConfigDict,
     try:
       point_config = apply_point(config, point)
       config_lib.validate(point_config)
+      if point_config.data.num_validation == 0:
+        raise ConfigError('config.data.num_validation=0: a sweep ranks its '
+                          'points (and stops them early) on validation '
+                          'accuracy; keep a validation set (e.g. 5000).')
     except ConfigError as e:
       raise ConfigError(f'{label}: {e}') from None
     trains = json.dumps(point_config.to_dict(), sort_keys=True, default=str)

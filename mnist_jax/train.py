@@ -134,9 +134,11 @@ def setup(config: ml_collections.ConfigDict, workdir: str,
       config=config, workdir=workdir, mesh=mesh, model=model, data=data,
       steps_per_epoch=spe, total_steps=total_steps,
       eval_fn=steps.make_eval_fn(model, mesh),
+      # (No validation split with data.num_validation=0.)
       eval_splits={name: steps.device_eval_split(
           getattr(data, name), config.eval_batch_size, mesh)
-                   for name in ('validation', 'test')},
+                   for name in ('validation', 'test')
+                   if len(getattr(data, name))},
       rngs={name: jax.random.fold_in(root, i) for name, i in
             (('init', _INIT), ('dropout', _DROPOUT), ('data', _DATA))})
 

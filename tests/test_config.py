@@ -52,6 +52,7 @@ def test_unknown_config_arg():
     ('adam_eps', -1.0, 'adam_eps=-1.0: must be > 0'),
     ('seed', -1, r'seed=-1: must be an integer in \[0, 2\*\*32\)'),
     ('seed', 2**40, 'seed=1099511627776'),  # would train as seed 0
+    ('data.num_validation', -1, r'num_validation=-1: must be an integer >= 0'),
 ])
 def test_invalid_values_rejected(field, value, message):
   c = default.get_config()

@@ -144,3 +144,25 @@ def test_training_goes_on_when_its_output_is_closed(idx_dir, tmp_path):
   assert 'Traceback' not in err and 'BrokenPipe' not in err, err[-3000:]
   with open(workdir / 'metrics.json') as f:
     assert json.load(f)['step'] == 30
+
+
+def test_num_validation_0_trains_on_every_training_image(idx_dir, tmp_path):
+  """As the tutorial's `read_data_sets(validation_size=0)`: no validation
+  set; the epochs evaluate the test set, and so does `--mode eval`."""
+  workdir = str(tmp_path / 'run')
+  common = ['--config', os.path.join(ROOT, 'configs/default.py'),
+            '--workdir', workdir, '--config.data.source=idx',
+            f'--config.data.dir={idx_dir}', '--config.data.num_validation=0',
+            '--config.batch_size=50', '--config.eval_batch_size=100']
+  proc = _launch([*common, '--config.num_epochs=1',
+                  '--config.write_report=False'])
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'Epoch   1 step     14: train' in proc.stdout  # 700 images / 50
+  assert 'validation' not in proc.stdout
+  with open(os.path.join(workdir, 'metrics.json')) as f:
+    metrics = json.load(f)
+  assert set(metrics['final']) == {'test_loss', 'test_accuracy'}
+  proc = _launch([*common, '--mode', 'eval'])
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert (f"Final test accuracy: {metrics['final']['test_accuracy']:.2%}"
+          in proc.stdout)

@@ -372,3 +372,9 @@ def test_get_sweep_argument_mismatch_is_one_clear_error(tmp_path):
   with pytest.raises(ConfigError, match='takes none .*drop ":3"'):
     sweep.load_sweep(f'{takes_none}:3')
   assert sweep.load_sweep(f'{needs}:2').points == [{'seed': 2}]
+
+
+def test_a_sweep_needs_a_validation_set(tiny_config):
+  with pytest.raises(ConfigError, match=r'point 1/1 \(data.num_validation=0'
+                     r'\): config.data.num_validation=0: a sweep ranks'):
+    sweep.validate_sweep(tiny_config, [{'data.num_validation': 0}])

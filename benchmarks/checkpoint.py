@@ -45,6 +45,9 @@ def main():
   parser.add_argument('--repeats', type=int, default=5)
   parser.add_argument('--dir', default='', help='where to write (default tmp)')
   args = parser.parse_args()
+  if args.dir and not os.path.isdir(args.dir):
+    parser.error(f'--dir {args.dir}: no such folder (the saves go into a '
+                 'temporary folder made inside it).')
   config = default.get_config()
   model = models.create_model(config)
   mesh = parallel.create_mesh()

@@ -283,6 +283,13 @@ def main():
   if args.worker:
     _worker(args)
     return
+  variants = ('fast', 'fast_canonical', 'fast_autodiff_conv', 'reference')
+  for v in args.variants.split(','):
+    if v not in variants:
+      parser.error(f'--variants: unknown {v!r}; choose from {variants}')
+  for f in args.flagsets.split(','):
+    if f not in FLAG_SETS:
+      parser.error(f'--flagsets: unknown {f!r}; choose from {tuple(FLAG_SETS)}')
 
   repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   import jax  # pylint: disable=g-import-not-at-top  (versions only)

@@ -38,13 +38,18 @@ def first_dispatch_seconds(jax_cache: str, data_cache: str, tfds_dir: str,
   t0 = time.perf_counter()
   proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+  seen = []
   try:
     for line in proc.stderr:
       if MARKER in line:
         return time.perf_counter() - t0
+      seen.append(line)
       if time.perf_counter() - t0 > timeout:
         break
-    raise RuntimeError(f'no "{MARKER}" line from {cmd}')
+    errors = [l.strip() for l in seen if l.startswith('Error:')]
+    raise SystemExit(errors[-1] if errors else  # the run's own one line
+                     f'Error: no "{MARKER}" line from {" ".join(cmd)}; its '
+                     f'output ended with: {"".join(seen[-5:])}')
   finally:
     proc.kill()
     proc.wait()

@@ -71,6 +71,7 @@ class _EvalCounts(base.Hook):
 def test_train_and_evaluate_on_tfds_mock_data(tiny_config, tmp_path):
   tfds = pytest.importorskip('tensorflow_datasets')
   tiny_config.data.source = 'tfds'
+  tiny_config.data.dir = ''  # (the mock ignores it; not the IDX folder)
   tiny_config.data.num_validation = 40
   tiny_config.data.cache_dir = 'none'
   tiny_config.num_epochs = 1

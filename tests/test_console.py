@@ -115,3 +115,37 @@ def test_stderr_written_while_filtered_survives_exit(tmp_path):
   assert proc.returncode == 2
   # The error reaches the console and stays its last line.
   assert proc.stderr.strip() == 'Error: a mistake found meanwhile'
+
+
+_CLOSED_READER = r'''
+import sys, time
+from absl import app
+from mnist_jax import console
+
+def main(argv):
+  console.setup()
+  for i in range(200):  # a run printing its progress, long after `head`
+    print(f'line {i}', flush=True)
+    time.sleep(0.005)
+  with open(sys.argv[1], 'w') as f:
+    f.write('went on to the end')
+
+app.run(main)
+'''
+
+
+def test_a_run_goes_on_when_its_output_is_closed(tmp_path):
+  """`launch.py ... | head -1`: the reader exits; the run must not die of a
+  BrokenPipeError (nor print one)."""
+  done = tmp_path / 'done'
+  proc = subprocess.Popen([sys.executable, '-c', _CLOSED_READER, str(done)],
+                          env=dict(os.environ, PYTHONPATH=ROOT),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
+  assert proc.stdout.readline() == 'line 0\n'
+  proc.stdout.close()  # as `head -1` exiting
+  err = proc.communicate(timeout=120)[1]
+  assert proc.returncode == 0, err
+  assert done.read_text() == 'went on to the end'
+  assert err.count('The console output was closed (its reader exited)') == 1
+  assert 'Traceback' not in err and 'BrokenPipe' not in err, err

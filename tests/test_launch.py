@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from conftest import ROOT
+from mnist_jax import evaluate
 from mnist_jax import train
 from mnist_jax.hooks import base
 
@@ -125,45 +126,21 @@ def test_mode_config_lists_every_field_as_the_run_would_use_it(tmp_path):
                                  'positive integer.')
 
 
-def test_training_goes_on_when_its_output_is_closed(idx_dir, tmp_path):
-  """`launch.py ... | head -1`: the reader exits; the run must not die."""
-  workdir = tmp_path / 'run'
-  proc = subprocess.Popen(
-      [sys.executable, os.path.join(ROOT, 'launch.py'),
-       '--config', os.path.join(ROOT, 'configs/default.py'),
-       '--workdir', str(workdir), '--config.data.source=idx',
-       f'--config.data.dir={idx_dir}', '--config.data.num_validation=100',
-       '--config.batch_size=32', '--config.num_epochs=2',
-       '--config.num_train_steps=30', '--config.write_report=False'],
-      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-      env=dict(os.environ, PYTHONUNBUFFERED='1'))
-  proc.stdout.readline()  # as `head -1`
-  proc.stdout.close()
-  err = proc.communicate(timeout=240)[1]
-  assert proc.returncode == 0, err[-3000:]
-  assert 'The console output was closed (its reader exited)' in err
-  assert 'Traceback' not in err and 'BrokenPipe' not in err, err[-3000:]
-  with open(workdir / 'metrics.json') as f:
-    assert json.load(f)['step'] == 30
-
-
-def test_num_validation_0_trains_on_every_training_image(idx_dir, tmp_path):
+def test_num_validation_0_trains_on_every_training_image(tiny_config,
+                                                         tmp_path, capsys):
   """As the tutorial's `read_data_sets(validation_size=0)`: no validation
   set; the epochs evaluate the test set, and so does `--mode eval`."""
-  workdir = str(tmp_path / 'run')
-  common = ['--config', os.path.join(ROOT, 'configs/default.py'),
-            '--workdir', workdir, '--config.data.source=idx',
-            f'--config.data.dir={idx_dir}', '--config.data.num_validation=0',
-            '--config.batch_size=50', '--config.eval_batch_size=100']
-  proc = _launch([*common, '--config.num_epochs=1',
-                  '--config.write_report=False'])
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  assert 'Epoch   1 step     14: train' in proc.stdout  # 700 images / 50
-  assert 'validation' not in proc.stdout
-  with open(os.path.join(workdir, 'metrics.json')) as f:
-    metrics = json.load(f)
-  assert set(metrics['final']) == {'test_loss', 'test_accuracy'}
-  proc = _launch([*common, '--mode', 'eval'])
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  assert (f"Final test accuracy: {metrics['final']['test_accuracy']:.2%}"
-          in proc.stdout)
+  tiny_config.data.num_validation = 0
+  tiny_config.batch_size, tiny_config.num_epochs = 50, 1
+  tiny_config.write_report = False
+  workdir = str(tmp_path)
+  result = train.train_and_evaluate(tiny_config, workdir)
+  out = capsys.readouterr().out
+  assert 'Epoch   1 step     14: train' in out  # 700 images / 50
+  assert 'validation' not in out
+  assert set(result['final']) == {'test_loss', 'test_accuracy'}
+  record = evaluate.evaluate_checkpoint(tiny_config, workdir)
+  assert record['test_accuracy'] == result['final']['test_accuracy']
+  assert 'validation_accuracy' not in record
+  assert (f"Final test accuracy: {record['test_accuracy']:.2%}"
+          in capsys.readouterr().out)

@@ -27,6 +27,7 @@ from ml_collections import config_flags
 
 import mnist_jax  # noqa: F401  (sets XLA flags before JAX starts its backend)
 from mnist_jax import cli
+from mnist_jax import config_lib
 from mnist_jax import console
 from mnist_jax import workdir as workdir_lib
 from mnist_jax.errors import UserError
@@ -78,30 +79,40 @@ def default_workdir(config_path: str) -> str:
   return os.path.join('runs', name + (f'_{arg}' if arg else ''))
 
 
+def print_config() -> int:
+  """`--mode config`: the fields as a run would use them; nothing starts."""
+  try:
+    config_lib.validate(FLAGS.config)
+  except UserError as e:
+    print(f'Error: {e}', file=sys.stderr, flush=True)
+    return 2
+  path = flags.FLAGS['config'].config_filename
+  try:
+    print(f'{path} as a run uses it (* = set on the command line):')
+    print('\n'.join(config_lib.describe(
+        FLAGS.config, path.partition(':')[0],
+        FLAGS['config'].override_values)), flush=True)
+  except BrokenPipeError:  # `| head`: as other commands, no traceback
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+  return 0
+
+
 def main(argv):
   if len(argv) > 1 and FLAGS.mode != 'predict':
     print(f'Error: Unexpected argument(s) {argv[1:]}: flags take the form '
           '--name=value (image paths only with --mode predict).',
           file=sys.stderr, flush=True)
     sys.exit(2)
+  if FLAGS.mode == 'config':
+    sys.exit(print_config())
   console.setup()  # Log chatter off the console (before TF and JAX start).
   import jax  # pylint: disable=g-import-not-at-top
   from mnist_jax import tf_setup, train  # pylint: disable=g-import-not-at-top
-  from mnist_jax import config_lib, parallel  # pylint: disable=g-import-not-at-top
+  from mnist_jax import parallel  # pylint: disable=g-import-not-at-top
   from mnist_jax import checkpointing  # pylint: disable=g-import-not-at-top
   try:  # Bad values stop before any file is made; multi-host starts before
     # anything touches a JAX backend.
     config_lib.validate(FLAGS.config)
-    if FLAGS.mode == 'config':
-      path = flags.FLAGS['config'].config_filename
-      try:
-        print(f'{path} as a run uses it (* = set on the command line):')
-        print('\n'.join(config_lib.describe(
-            FLAGS.config, path.partition(':')[0],
-            FLAGS['config'].override_values)), flush=True)
-      except BrokenPipeError:  # `| head`: as other commands, no traceback
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-      return
     parallel.initialize_distributed(FLAGS.config)
   except UserError as e:
     print(f'Error: {e}', file=sys.stderr, flush=True)

@@ -119,6 +119,14 @@ def test_mode_config_lists_every_field_as_the_run_would_use_it(tmp_path):
       "'false': never (offline/TPU). [tpu.py: Prepared once in the bucket "
       "(docs/scaling.md); hosts never download.]")
   assert not workdir.exists()  # Nothing started, nothing written.
+  # `--mode config | head -0`: its reader gone before it prints (it takes
+  # ~1 s to start): no traceback, no warning.
+  head = subprocess.Popen(
+      [sys.executable, os.path.join(ROOT, 'launch.py'), '--config',
+       os.path.join(ROOT, 'configs/default.py'), '--mode', 'config'],
+      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  head.stdout.close()
+  assert head.communicate(timeout=60)[1] == '' and head.returncode == 0
   proc = _launch(['--config', os.path.join(ROOT, 'configs/default.py'),
                   '--config.batch_size=0', '--mode', 'config'])
   assert proc.returncode == 2

@@ -139,13 +139,16 @@ def test_num_validation_0_trains_on_every_training_image(tiny_config,
   """As the tutorial's `read_data_sets(validation_size=0)`: no validation
   set; the epochs evaluate the test set, and so does `--mode eval`."""
   tiny_config.data.num_validation = 0
-  tiny_config.batch_size, tiny_config.num_epochs = 50, 1
+  tiny_config.num_epochs, tiny_config.num_train_steps = 1, 5
   tiny_config.write_report = False
   workdir = str(tmp_path)
-  result = train.train_and_evaluate(tiny_config, workdir)
+  counts = _EvalCounts()
+  result = train.train_and_evaluate(
+      tiny_config, workdir, hooks=train.default_hooks(tiny_config) + [counts])
   out = capsys.readouterr().out
-  assert 'Epoch   1 step     14: train' in out  # 700 images / 50
+  assert 'Epoch   1 step      5: train' in out
   assert 'validation' not in out
+  assert counts.num_train == 700 and counts.counts == {'test': 230}
   assert set(result['final']) == {'test_loss', 'test_accuracy'}
   record = evaluate.evaluate_checkpoint(tiny_config, workdir)
   assert record['test_accuracy'] == result['final']['test_accuracy']

@@ -20,6 +20,18 @@ _CPU_FEATURES = ('avx2', 'avx512f', 'avx512_bf16', 'avx512_vnni', 'amx_bf16',
                  'amx_tile')
 
 
+def run(main) -> None:
+  """Runs a benchmark's `main`: a user mistake the project reports (data
+  not found, a bad config value) is its one `Error:` line, exit status 2,
+  as from `launch.py`, not a traceback."""
+  from mnist_jax.errors import UserError  # pylint: disable=g-import-not-at-top
+  try:
+    main()
+  except UserError as e:
+    print(f'Error: {e}', file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
 def scratch_dir(prefix: str) -> str:
   """A new temporary folder (a run's workdir: checkpoints, ~40 MB each),
   removed when the benchmark's process exits."""

@@ -23,6 +23,7 @@ from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from mnist_jax import config_lib
 from mnist_jax import parallel
 from mnist_jax.errors import CheckpointError, ConfigError, UserError
 
@@ -296,17 +297,6 @@ def resolve_checkpoint_path(path: str) -> tuple[str, int | None]:
 
 # ------------------------------------------------------------ run identity
 
-def _leaves(tree: dict[str, Any], prefix: str = '') -> dict[str, Any]:
-  out = {}
-  for key, value in tree.items():
-    name = prefix + key
-    if isinstance(value, dict):
-      out.update(_leaves(value, name + '.'))
-    else:
-      out[name] = value
-  return out
-
-
 def _within(field: str, fields) -> bool:
   """Whether dotted `field` is one of `fields` or inside one of them."""
   return any(field == f or field.startswith(f + '.') for f in fields)
@@ -344,8 +334,8 @@ def run_config(workdir: str, config, overrides=(), step: int | None = None):
   if saved is None:
     return config
   merged = config.copy_and_resolve_references()
-  now = _leaves(config_json(config))
-  for field, value in _leaves(saved).items():
+  now = config_lib.leaves(config_json(config))
+  for field, value in config_lib.leaves(saved).items():
     if (field not in now or field in overrides or now[field] == value
         or _within(field, THIS_MACHINE)):
       continue
@@ -369,7 +359,7 @@ def changed_fields(old: dict[str, Any], new: dict[str, Any],
   """The dotted fields, outside `may_change`, where two configs (as JSON
   dicts) differ, sorted. Fields only one side has (added or removed by a
   code change) are not differences."""
-  a, b = _leaves(old), _leaves(new)
+  a, b = config_lib.leaves(old), config_lib.leaves(new)
   return [f for f in sorted(set(a) & set(b))
           if not _within(f, may_change) and a[f] != b[f]]
 
@@ -378,7 +368,7 @@ def run_identity_diffs(saved: dict[str, Any], config) -> list[str]:
   """The fields, outside `MAY_CHANGE_ON_RESUME`, where `config` differs from
   the `saved` config, each as `field=<saved> (checkpoint) vs <now> (now)`."""
   now = config_json(config)
-  a, b = _leaves(saved), _leaves(now)
+  a, b = config_lib.leaves(saved), config_lib.leaves(now)
   return [f'{f}={a[f]!r} (checkpoint) vs {b[f]!r} (now)'
           for f in changed_fields(saved, now)]
 

@@ -29,6 +29,19 @@ def get(config, dotted: str):
   return node
 
 
+def leaves(tree, prefix: str = '') -> dict:
+  """A config (ConfigDict or its JSON dict) as {dotted field: value}."""
+  if hasattr(tree, 'to_dict'):
+    tree = tree.to_dict()
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(leaves(value, f'{prefix}{key}.'))
+    else:
+      out[prefix + key] = value
+  return out
+
+
 def validate(config) -> None:
   """Checks `config`; raises ConfigError naming the field and what to do."""
 
@@ -194,20 +207,10 @@ def describe(config, config_file: str, overridden=()) -> list[str]:
         comments[field] = comment or meaning
   except (OSError, SyntaxError, tokenize.TokenError, ValueError):
     comments = {}  # values without comments rather than no answer
-  leaves = {}
-
-  def walk(node, prefix=''):
-    for key in node.keys():
-      value = node[key]
-      if hasattr(value, 'keys'):
-        walk(value, f'{prefix}{key}.')
-      else:
-        leaves[prefix + key] = value
-
-  walk(config)
+  values = leaves(config)
   order = {field: i for i, field in enumerate(comments)}
-  fields = sorted(leaves, key=lambda f: (order.get(f, len(order)), f))
-  cells = [f'{"*" if f in overridden else " "} {f} = {leaves[f]!r}'
+  fields = sorted(values, key=lambda f: (order.get(f, len(order)), f))
+  cells = [f'{"*" if f in overridden else " "} {f} = {values[f]!r}'
            for f in fields]
   width = min(max(map(len, cells), default=0), 56)
   return [f'{cell:<{width}}  {comments.get(f, "")}'.rstrip()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import glob
+import json
 import os
 from typing import Any, Sequence
 
@@ -36,6 +37,14 @@ _COLUMNS = (*SUMMARY, 'wall_seconds', 'status', 'error')
 # Statuses: finished or stopped by the early-stopping rule (both final),
 # failed (retried by a re-run), or not run yet.
 DONE, STOPPED, FAILED, PENDING = 'done', 'stopped early', 'failed', 'pending'
+
+
+def write_json(path: str, data: Any) -> None:
+  """Writes `data` to `path` whole or not at all (a killed write leaves the
+  old file): the sweep's record of its points, a point's wall time."""
+  with open(f'{path}.tmp', 'w') as f:
+    json.dump(data, f, indent=1)
+  os.replace(f'{path}.tmp', path)
 
 
 def summarize(result: dict[str, Any]) -> dict[str, Any]:

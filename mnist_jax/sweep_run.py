@@ -140,9 +140,7 @@ def check_same_sweep(workdir: str, spec: dict[str, Any]) -> None:
       stored = json.load(f)
   except FileNotFoundError:
     os.makedirs(workdir, exist_ok=True)
-    with open(f'{path}.tmp', 'w') as f:
-      json.dump(spec, f, indent=1)
-    os.replace(f'{path}.tmp', path)
+    sweep_results.write_json(path, spec)
     return
   fix = 'use a new --workdir for a changed sweep.'
   old, new = stored['points'], spec['points']

@@ -91,10 +91,8 @@ class PointTrainable(tune.Trainable):
     """The point's wall time so far, earlier attempts included; kept in its
     workdir for the next attempt (a retry, or a re-run of the sweep)."""
     seconds = self._earlier + time.time() - self._start
-    path = os.path.join(self._workdir, WALL_FILE)
-    with open(f'{path}.tmp', 'w') as f:
-      json.dump({'wall_seconds': seconds}, f)
-    os.replace(f'{path}.tmp', path)
+    sweep_results.write_json(os.path.join(self._workdir, WALL_FILE),
+                             {'wall_seconds': seconds})
     return seconds
 
   def _on_epoch(self, record: dict[str, Any]) -> bool:

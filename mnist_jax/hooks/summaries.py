@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mnist_jax import config_lib
 from mnist_jax import input_pipeline
 from mnist_jax import metrics as metrics_lib
 from mnist_jax import models
@@ -49,20 +50,8 @@ _MAX_PENDING_WRITES = 64
 
 def flatten_config(config) -> dict[str, Any]:
   """Config as {'data.source': 'idx', ...} with HParams-compatible values."""
-  flat = {}
-
-  def visit(prefix, node):
-    for key, value in node.items():
-      name = f'{prefix}{key}'
-      if isinstance(value, dict):
-        visit(name + '.', value)
-      elif isinstance(value, (bool, int, float, str)):
-        flat[name] = value
-      else:
-        flat[name] = str(value)
-
-  visit('', config.to_dict() if hasattr(config, 'to_dict') else config)
-  return flat
+  return {name: value if isinstance(value, (bool, int, float, str))
+          else str(value) for name, value in config_lib.leaves(config).items()}
 
 
 def make_layer_stats_fn(model: models.CNN,

@@ -48,11 +48,13 @@ def main():
       reached = {'epoch': r['epoch'], 'step': r['step'],
                  'train_seconds': train_seconds}
   final = result['final'].get('test_accuracy')
+  machine = common.machine_info()
   common.write_json(args.out, {
-      'machine': common.machine_info(), 'config': config.to_dict(),
+      'machine': machine, 'config': config.to_dict(),
       'epochs': result['epochs'], 'final_test_accuracy': final,
       'total_seconds': total, 'target': args.target, 'reached': reached})
   pct = lambda x: f'{x:9.2%}' if x is not None else f'{"-":>9}'  # pylint: disable=g-long-lambda
+  print(common.machine_line(machine))
   print(f"{'epoch':>5} {'step':>6} {'test acc':>9} {'val acc':>9} "
         f"{'img/s':>7} {'train s':>8}")
   for e, s, t, v, ips, ts in rows:

@@ -86,12 +86,14 @@ def main():
   finally:
     shutil.rmtree(root)  # our own temporary folder only
   stats = {k: common.summarize(v) for k, v in times.items()}
+  machine = common.machine_info()
+  print(common.machine_line(machine))
   print(f'state: {num_bytes / 1e6:.1f} MB on {jax.device_count()} x '
         f'{jax.devices()[0].device_kind}')
   for k, s in stats.items():
     print(f"{k:14s} median {s['median'] * 1e3:7.1f} ms  (min "
           f"{s['min'] * 1e3:.1f}, max {s['max'] * 1e3:.1f}, n {s['n']})")
-  common.write_json(args.out, {'machine': common.machine_info(),
+  common.write_json(args.out, {'machine': machine,
                                'state_bytes': num_bytes, 'seconds': stats})
 
 

@@ -114,6 +114,18 @@ def machine_info() -> dict:
   }
 
 
+def machine_line(machine: dict) -> str:
+  """The machine in one line, printed above every benchmark's table: a
+  figure is only read with its CPU (and its accelerator, where one ran)."""
+  line = (f"{machine['cpu']} ({machine['cpu_vendor']}, family/model "
+          f"{machine['cpu_family_model']}, {machine['cpu_cores']} cores; "
+          f"{machine['cpu_flags'] or 'no AVX-512'})")
+  if machine['backend'] != 'cpu':
+    line += (f", {machine['device_count']} x {machine['device_kind']} "
+             f"({machine['backend']})")
+  return line
+
+
 def _onednn_info(backend: str) -> str:
   """Whether the project's oneDNN kernels load, and which ones run."""
   if 'mnist_jax' not in sys.modules:

@@ -63,8 +63,8 @@ def main():
       jax.block_until_ready(metrics)
     seconds[k] = time.perf_counter() - t0
   machine = common.machine_info()
-  print(f'COMPILE {args.mode} {config.dtype} on {jax.devices()[0].device_kind}'
-        f' ({machine["cpu"]}): '
+  print(f'COMPILE {args.mode} {config.dtype} on {common.machine_line(machine)}'
+        ': '
         + ', '.join(f'k={k} {s:.2f} s' for k, s in seconds.items()))
   common.write_json(args.out, {
       'machine': machine, 'mode': args.mode, 'overrides': args.set,

@@ -133,6 +133,8 @@ def main():
   for owner, name, label in TIMED:
     setattr(owner, name, _timed(times, label, getattr(owner, name)))
   runs = []
+  machine = common.machine_info()
+  print(common.machine_line(machine))
   for round_ in range(1, args.rounds + 1):
     measured = []
     for variant in variants:
@@ -165,7 +167,7 @@ def main():
             'loop_seconds']
       runs.append({'round': round_, 'name': name, **run})
   common.write_json(args.out, {
-      'machine': common.machine_info(), 'config': config.to_dict(),
+      'machine': machine, 'config': config.to_dict(),
       'variants': variants, 'runs': runs})
 
 

@@ -160,9 +160,8 @@ def markdown(machine: dict, table: dict, load: list, unit: str,
       f"# Per-op time of one training step, batch {batch}: XLA:CPU vs "
       "PyTorch",
       '',
-      f"Machine: {machine['cpu']} ({machine['cpu_vendor']}, family/model "
-      f"{machine['cpu_family_model']}, {machine['cpu_cores']} cores; "
-      f"{machine['cpu_flags']}). jax {machine['versions']['jax']}, XLA_FLAGS "
+      f"Machine: {common.machine_line(machine)}. jax "
+      f"{machine['versions']['jax']}, XLA_FLAGS "
       f"`{machine['xla_flags']}`. Load averages during the runs: {load}.",
       '',
       'Per call, median over rounds (min-max over rounds) of: wall ms, the '

@@ -77,10 +77,12 @@ def main():
         first_dispatch_seconds(jax_cache, data_cache, args.tfds_dir))
     shutil.rmtree(scratch, ignore_errors=True)
   summary = {k: common.summarize(v) for k, v in results.items()}
+  machine = common.machine_info()
+  print(common.machine_line(machine))
   print(f"{'case':>24} {'seconds to first dispatch (median, min-max)':>45}")
   for k, s in summary.items():
     print(f"{k:>24} {s['median']:8.2f} ({s['min']:.2f}-{s['max']:.2f})")
-  common.write_json(args.out, {'machine': common.machine_info(),
+  common.write_json(args.out, {'machine': machine,
                                'results': summary,
                                'load_average': os.getloadavg()})
 

@@ -170,7 +170,8 @@ def main():
     rows.append(row)
     del ctx, state
 
-  print(f"{common.machine_info()['cpu']}, {jax.devices()[0].device_kind}:")
+  machine = common.machine_info()
+  print(common.machine_line(machine) + ':')
   print(f"{'k':>3} {'bare img/s':>22} {'e2e train img/s':>22} {'ratio':>6} "
         f"{'e2e incl. eval img/s':>22} {'eval 10k s':>16}")
   fmt = lambda s: f"{s['median']:7.0f} ({s['min']:.0f}-{s['max']:.0f})"
@@ -184,7 +185,7 @@ def main():
           f"{r['eval_test_seconds']['max']:.3f})")
   memory = peak_memory()
   print('peak memory:', {k: round(v) for k, v in memory.items()})
-  common.write_json(args.out, {'machine': common.machine_info(),
+  common.write_json(args.out, {'machine': machine,
                                'overrides': args.set,
                                'windows': args.windows, 'rows': rows,
                                'memory': memory,

@@ -157,9 +157,7 @@ def _print_summary(machine, out):
   s = out['summary']
   fmt = lambda x, f='7.0f': (f"{x['median']:{f}} ({x['min']:{f.replace('7', '')}}"
                              f"-{x['max']:{f.replace('7', '')}})")
-  print(f"\n{machine['cpu']} ({machine['cpu_vendor']}, family/model "
-        f"{machine['cpu_family_model']}, {machine['cpu_cores']} cores; "
-        f"{machine['cpu_flags']})")
+  print('\n' + common.machine_line(machine))
   print(f"  PyTorch eager{out['torch_variant']:12s}{fmt(s['torch'])} img/s")
   print(f"  project bare step        {fmt(s['bare'])} img/s   ratio "
         f"{fmt(s['bare_ratio'], '7.2f')}")

@@ -109,11 +109,11 @@ def end_to_end(config, windows: int):
 
 def evaluation(ctx, state, windows: int):
   split = ctx.eval_splits['test']
-  jax.block_until_ready(ctx.eval_fn(state.params, split))  # compile
+  jax.block_until_ready(ctx.eval_fn(state.variables, split))  # compile
   seconds = []
   for _ in range(windows):
     t0 = time.perf_counter()
-    jax.block_until_ready(ctx.eval_fn(state.params, split))
+    jax.block_until_ready(ctx.eval_fn(state.variables, split))
     seconds.append(time.perf_counter() - t0)
   return common.summarize(seconds)
 

@@ -36,6 +36,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.dropout_keep_prob = 0.5  # Keep probability of the dropout after fc3 (training only).
   config.lowering = 'auto'  # XLA ops: 'fast' (CPU rewrite), 'reference' (nn.Conv); 'auto' = fast on CPU only.
   config.dtype = 'float32'  # Activation/compute dtype ('float32' or 'bfloat16'); params stay f32.
+  config.batch_norm = False  # BatchNorm before conv1's and conv2's ReLU (not in the tutorial); running stats are checkpointed.
 
   # --- Parallelism (see docs/scaling.md) ---
   config.parallelism = 'jit'  # 'jit': one program over a mesh of all devices; 'pmap': classic pmap.

@@ -1,6 +1,9 @@
 """Orbax checkpoints of a run: layout, save, restore, and run identity.
 
-  <workdir>/checkpoints/<step>/state/   {'step', 'params', 'opt_state'}
+  <workdir>/checkpoints/<step>/state/   {'step', 'params', 'opt_state'} and,
+                                        for a model with state (BatchNorm's
+                                        statistics), 'model_state'
+
   <workdir>/checkpoints/<step>/config/  the config that wrote it (JSON)
   <workdir>/checkpoints/<step>/run/     epoch records so far, why it was saved
 
@@ -70,9 +73,22 @@ def create_manager(directory: str, max_to_keep: int | None = None,
 
 
 def state_tree(state) -> dict[str, Any]:
-  """What a checkpoint holds of a `steps.TrainState`."""
-  return {'step': state.step, 'params': state.params,
+  """What a checkpoint holds of a `steps.TrainState` ('model_state' only
+  where the model has some: the tutorial's checkpoints stay as they were)."""
+  tree = {'step': state.step, 'params': state.params,
           'opt_state': state.opt_state}
+  if state.model_state:
+    tree['model_state'] = state.model_state
+  return tree
+
+
+def _variables_tree(variables) -> dict[str, Any]:
+  """The keys of a `state_tree` that hold a model's `variables`."""
+  tree = {'params': variables['params']}
+  rest = {k: v for k, v in variables.items() if k != 'params'}
+  if rest:
+    tree['model_state'] = rest
+  return tree
 
 
 def abstract_like(tree):
@@ -215,10 +231,15 @@ def _flat_shapes(tree) -> dict[str, tuple[int, ...]]:
           for path, x in flat}
 
 
-def check_param_shapes(manager, step: int, abstract_params, what: str) -> None:
-  """Raises CheckpointError listing parameters whose shapes differ."""
-  saved = _flat_shapes(manager.item_metadata(step)['state'].tree['params'])
-  wanted = _flat_shapes(abstract_params)
+def check_variable_shapes(manager, step: int, abstract_variables,
+                          what: str) -> None:
+  """Raises CheckpointError listing the model's variables (parameters and
+  model state) whose shapes differ from those in the checkpoint."""
+  wanted_tree = _variables_tree(abstract_variables)
+  saved_tree = manager.item_metadata(step)['state'].tree
+  saved = _flat_shapes({k: saved_tree[k] for k in wanted_tree
+                        if k in saved_tree})
+  wanted = _flat_shapes(wanted_tree)
   diffs = [f'{k}: checkpoint {saved.get(k)} vs model {wanted.get(k)}'
            for k in sorted(set(saved) | set(wanted))
            if saved.get(k) != wanted.get(k)]
@@ -229,21 +250,24 @@ def check_param_shapes(manager, step: int, abstract_params, what: str) -> None:
         'the same as in the run that saved it?')
 
 
-def restore_params(manager, abstract_params, step: int | None = None):
-  """Restores only the parameters onto the target's shardings.
+def restore_variables(manager, abstract_variables, step: int | None = None):
+  """Restores only the model's variables onto the target's shardings.
 
   Args:
     manager: the CheckpointManager to read.
-    abstract_params: ShapeDtypeStructs (with shardings) of the parameters.
+    abstract_variables: ShapeDtypeStructs (with shardings) of the variables
+      ({'params': ..., **model_state}: `models.abstract_variables`).
     step: the step to read; None = the latest readable one.
 
   Returns:
-    (step, params, the 'run' JSON item).
+    (step, variables, the 'run' JSON item).
   """
   def restore_fn(s):
-    check_param_shapes(manager, s, abstract_params, 'The checkpoint')
-    r = restore_items(manager, s, {'params': abstract_params}, partial=True)
-    return r.state['params'], r.run
+    check_variable_shapes(manager, s, abstract_variables, 'The checkpoint')
+    r = restore_items(manager, s, _variables_tree(abstract_variables),
+                      partial=True)
+    return {'params': r.state['params'],
+            **r.state.get('model_state', {})}, r.run
 
   steps = None
   if step is not None:
@@ -268,13 +292,14 @@ def require_checkpoints(workdir: str) -> str:
   return directory
 
 
-def restore_workdir_params(workdir: str, abstract_params,
-                           step: int | None = None):
-  """`restore_params` from a training run's workdir: (step, params, run)."""
+def restore_workdir_variables(workdir: str, abstract_variables,
+                              step: int | None = None):
+  """`restore_variables` from a training run's workdir: (step, variables,
+  run)."""
   directory = require_checkpoints(workdir)
   manager = create_manager(directory, read_only=True)
   try:
-    return restore_params(manager, abstract_params, step)
+    return restore_variables(manager, abstract_variables, step)
   finally:
     manager.close()
 

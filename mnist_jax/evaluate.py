@@ -39,8 +39,8 @@ def evaluate_checkpoint(config, workdir: str) -> dict[str, Any]:
   """
   checkpointing.require_checkpoints(workdir)  # before loading any data
   run = train.setup(config, workdir, training=False)
-  step, params, _ = checkpointing.restore_workdir_params(
-      workdir, models.abstract_params(
+  step, variables, _ = checkpointing.restore_workdir_variables(
+      workdir, models.abstract_variables(
           run.model, jax.NamedSharding(run.mesh, jax.P())),
       None if config.eval_step == -1 else config.eval_step)
   record = {'step': step,
@@ -49,10 +49,10 @@ def evaluate_checkpoint(config, workdir: str) -> dict[str, Any]:
             'devices': f'{jax.device_count()} x {jax.devices()[0].device_kind}'}
   for name, split in run.eval_splits.items():
     record.update({f'{name}_{k}': v for k, v in
-                   steps.evaluate(run.eval_fn, params, split).items()})
+                   steps.evaluate(run.eval_fn, variables, split).items()})
   if parallel.is_lead():  # every process evaluates; one writes
     if config.write_report:
-      record['report'] = report.write_report(workdir, config, params,
+      record['report'] = report.write_report(workdir, config, variables,
                                              test=run.data.test,
                                              evaluated=record)
     os.makedirs(os.path.join(workdir, 'eval'), exist_ok=True)

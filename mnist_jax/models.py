@@ -4,6 +4,11 @@
     -> fc3 1024@7x7 VALID+ReLU -> dropout3 -> fc4 10@1x1 -> logits [B, 10]
 
 Every layer's output is sown into 'intermediates' as the dict `end_points`.
+With `batch_norm=True` (not the tutorial's network) conv1 and conv2 are
+followed by BatchNorm before their ReLU; its running statistics are the
+collection 'batch_stats', the model state `steps.TrainState` carries and
+checkpoints beside the parameters. A module's `variables` are 'params' plus
+any such collection (`init_variables`).
 `lowering` picks how the layers lower to XLA: 'reference' is what `nn.Conv`
 and `nn.max_pool` lower to (what XLA:GPU/TPU tune); 'fast' is `mnist_jax.ops`
 (oneDNN kernels where built, and forms XLA:CPU runs fast); 'auto' (default)
@@ -40,7 +45,7 @@ def resolve_lowering(lowering: str) -> str:
 
 
 class Conv(nn.Module):
-  """Stride-1 NHWC convolution with an HWIO kernel and a bias.
+  """Stride-1 NHWC convolution with an HWIO kernel and (`use_bias`) a bias.
 
   A kernel that covers the whole spatial input with VALID padding (fc3, fc4)
   is a fully connected layer and is computed as one matmul on the 'fast' path.
@@ -56,14 +61,19 @@ class Conv(nn.Module):
   lowering: str = 'fast'
   dtype: Any = jnp.float32
   pool: bool = False
+  use_bias: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array):
     kh, kw = self.kernel_size
     kernel = self.param('kernel', kernel_init,
                         (kh, kw, x.shape[-1], self.features), jnp.float32)
-    bias = self.param('bias', nn.initializers.zeros, (self.features,),
-                      jnp.float32)
+    if self.use_bias:
+      bias = self.param('bias', nn.initializers.zeros, (self.features,),
+                        jnp.float32)
+    elif self.pool:
+      raise ValueError('Conv(pool=True) fuses the bias; use_bias=False is '
+                       'for a conv that a normalisation follows')
     x = x.astype(self.dtype)
     kernel = kernel.astype(self.dtype)
     whole_input = (self.padding == 'VALID' and x.shape[1:3] == (kh, kw))
@@ -73,8 +83,11 @@ class Conv(nn.Module):
       y = ops.dense_conv(x, kernel)
     else:
       y = ops.conv2d(x, kernel, self.padding)
-    bias = bias.astype(self.dtype)
-    z = y + bias if self.lowering == 'reference' else ops.add_bias(y, bias)
+    if not self.use_bias:
+      z = y
+    else:
+      bias = bias.astype(self.dtype)
+      z = y + bias if self.lowering == 'reference' else ops.add_bias(y, bias)
     out = self.activation(z) if self.activation is not None else z
     if not self.pool:
       return out
@@ -96,22 +109,40 @@ class CNN(nn.Module):
     lowering: 'auto', 'fast' or 'reference' (same function, different XLA
       ops; 'auto' is 'fast' on CPU, 'reference' on accelerators).
     dtype: compute dtype of activations; parameters are always float32.
+    batch_norm: BatchNorm (no conv bias) between conv1/conv2 and their ReLU;
+      batch statistics when training (on the jit path the global batch's;
+      under `pmap`, each device's share, the running averages then averaged
+      over devices), running averages otherwise.
+    batch_norm_momentum: decay of the running averages.
   """
   num_classes: int = 10
   dropout_keep_prob: float = 0.5
   lowering: str = 'auto'
   dtype: Any = jnp.float32
+  batch_norm: bool = False
+  batch_norm_momentum: float = 0.9
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     lowering = resolve_lowering(self.lowering)
-    conv = lambda f, k, pad, act, name, pool=False: Conv(  # pylint: disable=g-long-lambda
-        f, (k, k), pad, act, lowering, self.dtype, pool, name=name)
+    conv = lambda f, k, pad, act, name, pool=False, bias=True: Conv(  # pylint: disable=g-long-lambda
+        f, (k, k), pad, act, lowering, self.dtype, pool, bias, name=name)
+
+    def conv_pool(x, features, name):  # (activation, its 2x2 max-pool)
+      if not self.batch_norm:
+        return conv(features, 5, 'SAME', nn.relu, name, pool=True)(x)
+      y = conv(features, 5, 'SAME', None, name, bias=False)(x)
+      y = nn.relu(nn.BatchNorm(
+          use_running_average=not train, momentum=self.batch_norm_momentum,
+          dtype=self.dtype, name=f'{name}_bn')(y))
+      pool = (ops.reference_max_pool_2x2 if lowering == 'reference' else
+              ops.max_pool_2x2)
+      return y, pool(y)
 
     points = {}
-    points['conv1'], x = conv(32, 5, 'SAME', nn.relu, 'conv1', pool=True)(x)
+    points['conv1'], x = conv_pool(x, 32, 'conv1')
     points['pool1'] = x
-    points['conv2'], x = conv(64, 5, 'SAME', nn.relu, 'conv2', pool=True)(x)
+    points['conv2'], x = conv_pool(x, 64, 'conv2')
     points['pool2'] = x
     x = points['fc3'] = conv(1024, x.shape[1], 'VALID', nn.relu, 'fc3')(x)
     x = points['dropout3'] = nn.Dropout(
@@ -128,27 +159,45 @@ def create_model(config) -> CNN:
   """The model chosen by `config`."""
   return CNN(num_classes=config.num_classes,
              dropout_keep_prob=config.dropout_keep_prob,
-             lowering=config.lowering, dtype=jnp.dtype(config.dtype))
+             lowering=config.lowering, dtype=jnp.dtype(config.dtype),
+             batch_norm=config.batch_norm)
 
 
 def end_points(model: CNN, variables, images, *, train=False, rngs=None):
-  """Runs the model and returns (logits, {end point name: activation})."""
+  """Runs the model (running statistics unchanged, even with `train=True`)
+  and returns (logits, {end point name: activation})."""
   logits, state = model.apply(variables, images, train=train, rngs=rngs,
-                              mutable=['intermediates'])
+                              mutable=['intermediates', *model_state(
+                                  variables)])
   return logits, dict(state['intermediates']['end_points'][0])
+
+
+def model_state(variables) -> dict[str, Any]:
+  """The collections of `variables` other than 'params' (e.g. 'batch_stats'):
+  what the model updates while training, without gradients."""
+  return {k: v for k, v in variables.items()
+          if k not in ('params', 'intermediates')}
+
+
+def init_variables(model: CNN, rng: jax.Array) -> dict[str, Any]:
+  """Freshly initialised variables: 'params' (variance scaling, zero
+  biases) and the model state's collections, if the model has any."""
+  dummy = jnp.zeros((1,) + input_pipeline.IMAGE_SHAPE, jnp.float32)
+  variables = model.init(rng, dummy, train=False)
+  return {'params': variables['params'], **model_state(variables)}
 
 
 def init_params(model: CNN, rng: jax.Array):
   """Freshly initialised parameters (variance scaling, zero biases)."""
-  dummy = jnp.zeros((1,) + input_pipeline.IMAGE_SHAPE, jnp.float32)
-  return model.init(rng, dummy, train=False)['params']
+  return init_variables(model, rng)['params']
 
 
-def abstract_params(model: CNN, sharding=None):
-  """ShapeDtypeStructs of the parameters (with `sharding`, if given): the
-  target that restores a checkpoint's parameters onto these devices."""
-  shapes = jax.eval_shape(lambda rng: init_params(model, rng),
+def abstract_variables(model: CNN, sharding=None) -> dict[str, Any]:
+  """ShapeDtypeStructs of the variables (with `sharding`, if given): the
+  target that restores a checkpoint's variables onto these devices."""
+  shapes = jax.eval_shape(lambda rng: init_variables(model, rng),
                           jax.random.key(0))
   return jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
       shapes)
+

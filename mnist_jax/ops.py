@@ -302,7 +302,8 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
   (0,0), (0,1), (1,0), (1,1)) equal to the window maximum. Plain autodiff of
   `jnp.max` would instead split it equally between tied elements, and ties
   are the common case here: after a ReLU, all-zero windows are frequent. The
-  backward pass is elementwise (compare, select) and fuses into one loop.
+  forward pass keeps each window's first-maximum position (int8) for the
+  backward pass, which is elementwise (select) and fuses into one loop.
 
   Args:
     x: [N, H, W, C] input, H and W even.
@@ -310,30 +311,29 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
   Returns:
     [N, H//2, W//2, C] output.
   """
-  return _max_pool_2x2_value(x)
+  return _max_pool_fwd(x)[0]
 
 
-def _max_pool_2x2_value(x):
-  a, b, c, d = _pool_windows(x)
-  return jnp.maximum(jnp.maximum(a, b), jnp.maximum(c, d))
+def _first_maximum(a, b, c, d):
+  """(each window's maximum, the position (int8, row-major) of its first
+  element equal to it), both from the same four values."""
+  m = jnp.maximum(jnp.maximum(a, b), jnp.maximum(c, d))
+  first = jnp.where(a == m, 0, jnp.where(b == m, 1, jnp.where(c == m, 2, 3)))
+  return m, first.astype(jnp.int8)
 
 
 def _max_pool_fwd(x):
-  y = _max_pool_2x2_value(x)
-  return y, (x, y)
+  # The position is taken here, from the values the maximum came from: a
+  # backward pass comparing `x` with `y` would read an `x` that XLA may
+  # recompute in another fusion, not always to the same bits (seen on a
+  # sharded batch after BatchNorm), and route the cotangent wrongly.
+  y, first = _first_maximum(*_pool_windows(x))
+  return y, first
 
 
-def _max_pool_bwd(residuals, g):
-  x, y = residuals
-  a, b, c, _ = _pool_windows(x)
+def _max_pool_bwd(first, g):
   zero = jnp.zeros_like(g)
-  take_a = a == y
-  take_b = jnp.logical_and(b == y, jnp.logical_not(take_a))
-  taken = jnp.logical_or(take_a, take_b)
-  take_c = jnp.logical_and(c == y, jnp.logical_not(taken))
-  take_d = jnp.logical_not(jnp.logical_or(taken, c == y))
-  return (_unpool([jnp.where(take, g, zero)
-                   for take in (take_a, take_b, take_c, take_d)]),)
+  return (_unpool([jnp.where(first == i, g, zero) for i in range(4)]),)
 
 
 def _unpool(parts):
@@ -378,11 +378,9 @@ def bias_relu_max_pool_2x2(y: jax.Array, bias: jax.Array) -> jax.Array:
 
 
 def _bias_relu_pool_fwd(y, bias):
-  a, b, c, d = _pool_windows(y + bias)
-  m = jnp.maximum(jnp.maximum(a, b), jnp.maximum(c, d))
-  first = jnp.where(a == m, 0, jnp.where(b == m, 1, jnp.where(c == m, 2, 3)))
+  m, first = _first_maximum(*_pool_windows(y + bias))
   out = jnp.maximum(m, 0)
-  return out, (first.astype(jnp.int8), out)
+  return out, (first, out)
 
 
 def _bias_relu_pool_bwd(residuals, g):

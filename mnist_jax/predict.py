@@ -119,11 +119,11 @@ def load_digit(path: str) -> np.ndarray:
     raise ImageError(f'{path}: {e}') from e
 
 
-def predict(params, model, image_paths) -> list[Prediction]:
+def predict(variables, model, image_paths) -> list[Prediction]:
   """Predicts the digit in each image file.
 
   Args:
-    params: the CNN's parameters.
+    variables: the CNN's variables ({'params': ..., **model_state}).
     model: the CNN (`models.create_model(config)`).
     image_paths: PNG/JPEG files of any size and colour.
 
@@ -140,7 +140,7 @@ def predict(params, model, image_paths) -> list[Prediction]:
       r.error = str(e).removeprefix(f'{r.path}: ')
   if images:
     probs = np.asarray(jax.nn.softmax(jnp.asarray(
-        steps.logits_of(model, params, np.stack(images))), axis=-1))
+        steps.logits_of(model, variables, np.stack(images))), axis=-1))
     for r, p in zip(ok, probs):
       top = np.argsort(-p)[:3]
       r.digit = int(top[0])
@@ -148,14 +148,14 @@ def predict(params, model, image_paths) -> list[Prediction]:
   return results
 
 
-def restore_params(config, workdir: str):
-  """(step, params) of `workdir`'s checkpoint at `config.eval_step` (-1: the
-  latest readable one), on the first local device."""
+def restore_variables(config, workdir: str):
+  """(step, variables) of `workdir`'s checkpoint at `config.eval_step` (-1:
+  the latest readable one), on the first local device."""
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  step, params, _ = checkpointing.restore_workdir_params(
-      workdir, models.abstract_params(models.create_model(config), device),
+  step, variables, _ = checkpointing.restore_workdir_variables(
+      workdir, models.abstract_variables(models.create_model(config), device),
       None if config.eval_step == -1 else config.eval_step)
-  return step, params
+  return step, variables
 
 
 def run(config, workdir: str, image_paths, out=None, err=None) -> int:
@@ -175,10 +175,10 @@ def run(config, workdir: str, image_paths, out=None, err=None) -> int:
   err = sys.stderr if err is None else err
   if not image_paths:
     raise UserError('--mode predict needs images: --image a.png [b.jpg ...].')
-  step, params = restore_params(config, workdir)
+  step, variables = restore_variables(config, workdir)
   print(f'Model: {workdir} step {step}', file=out)
   failed = 0
-  for p in predict(params, models.create_model(config), image_paths):
+  for p in predict(variables, models.create_model(config), image_paths):
     if p.error:
       failed += 1
       print(f'Error: {p.path}: {p.error}', file=err, flush=True)

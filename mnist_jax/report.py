@@ -1,6 +1,6 @@
 """A report a researcher can read without opening TensorBoard.
 
-`write_report(workdir, config, params)` writes `<workdir>/report/`: learning
+`write_report(workdir, config, variables)` writes `<workdir>/report/`: learning
 curves (from the event files, else metrics.json), the test confusion matrix,
 the most confident test mistakes, and `report.md` with the final metrics and
 the config. Plots use matplotlib's Agg canvas (no display needed).
@@ -150,7 +150,7 @@ def plot_misclassified(images, labels, probs, path: str,
   return len(wrong)
 
 
-def write_report(workdir: str, config, params, *, test=None,
+def write_report(workdir: str, config, variables, *, test=None,
                  history: dict | None = None,
                  evaluated: dict | None = None) -> str:
   """Writes `<workdir>/report/` (see the module docstring).
@@ -158,11 +158,12 @@ def write_report(workdir: str, config, params, *, test=None,
   Args:
     workdir: the run's workdir (its event files and metrics.json are read).
     config: the run's config (the model and, if `test` is None, the data).
-    params: the CNN's parameters to evaluate on the test set.
+    variables: the CNN's variables to evaluate on the test set
+      ({'params': ..., **model_state}: `TrainState.variables`).
     test: the test `input_pipeline.Split`; loaded from `config` if None.
     history: the loop's result (metrics.json contents); read from the
       workdir if None and the file exists.
-    evaluated: `--mode eval`'s record of the checkpoint `params` come from
+    evaluated: `--mode eval`'s record of the checkpoint `variables` come from
       (its step and validation_/test_ metrics): the report describes that
       checkpoint and goes to `<workdir>/eval/report/`, leaving the training
       run's report as it is.
@@ -180,8 +181,8 @@ def write_report(workdir: str, config, params, *, test=None,
   if test is None:
     test = input_pipeline.load(config).test
   model = models.create_model(config)
-  logits = steps.logits_of(model, jax.device_get(params), test.images,
-                                 config.eval_batch_size)
+  logits = steps.logits_of(model, jax.device_get(variables), test.images,
+                           config.eval_batch_size)
   probs = np.asarray(jax.nn.softmax(logits, axis=-1))
   labels = np.asarray(test.labels)
   predicted = probs.argmax(-1)

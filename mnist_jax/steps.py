@@ -30,10 +30,18 @@ PMAP_AXIS = 'batch'
 
 
 class TrainState(train_state.TrainState):
-  """Flax's TrainState (step, params, opt_state, tx) and the schedule that
-  `train_step` reports in its metrics."""
+  """Flax's TrainState (step, params, opt_state, tx), the model state (the
+  variable collections besides 'params', e.g. BatchNorm's 'batch_stats';
+  empty for the tutorial's network) and the schedule that `train_step`
+  reports in its metrics."""
+  model_state: dict[str, Any] = flax.struct.field(default_factory=dict)
   learning_rate_fn: Callable[[Any], Any] = flax.struct.field(
       pytree_node=False, default=None)
+
+  @property
+  def variables(self) -> dict[str, Any]:
+    """What `model.apply` takes: {'params': ..., **model_state}."""
+    return {'params': self.params, **self.model_state}
 
 
 def create_train_state(config, model: models.CNN, num_train: int,
@@ -44,8 +52,10 @@ def create_train_state(config, model: models.CNN, num_train: int,
 
   @jax.jit  # one compiled program instead of hundreds of eager ops
   def init(rng):
+    variables = models.init_variables(model, rng)
     state = TrainState.create(apply_fn=model.apply,
-                              params=models.init_params(model, rng), tx=tx,
+                              params=variables['params'], tx=tx,
+                              model_state=models.model_state(variables),
                               learning_rate_fn=schedule)
     # A strongly typed int32 step: a weakly typed Python 0 would make the
     # step function compile again when it sees the int32 it returns.
@@ -81,15 +91,19 @@ def train_step(state: TrainState, batch, rng, *, axis_name=None):
                                      jax.lax.axis_index(axis_name))
 
   def loss_fn(params):
-    logits = state.apply_fn({'params': params}, batch['image'], train=True,
-                            rngs={'dropout': dropout_rng})
-    return cross_entropy(logits, batch['label']).mean(), logits
+    variables = {'params': params, **state.model_state}
+    logits, model_state = state.apply_fn(
+        variables, batch['image'], train=True, rngs={'dropout': dropout_rng},
+        mutable=list(state.model_state))
+    return cross_entropy(logits, batch['label']).mean(), (logits, model_state)
 
-  (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      state.params)
+  (loss, (logits, model_state)), grads = jax.value_and_grad(
+      loss_fn, has_aux=True)(state.params)
   if axis_name is not None:  # equal shares: mean of means = global mean
-    grads = jax.lax.pmean(grads, axis_name)
-  new_state = state.apply_gradients(grads=grads)
+    # (The model state too: BatchNorm's running averages of each device's
+    # share become one, the same on every device.)
+    grads, model_state = jax.lax.pmean((grads, model_state), axis_name)
+  new_state = state.apply_gradients(grads=grads, model_state=model_state)
   metrics = metrics_lib.TrainMetrics.single_from_model_output(
       loss=loss, logits=logits, labels=batch['label'],
       learning_rate=state.learning_rate_fn(state.step))
@@ -98,9 +112,12 @@ def train_step(state: TrainState, batch, rng, *, axis_name=None):
   return new_state, metrics
 
 
-def eval_step(params, batch, *, model):
-  """Evaluation metrics of a batch; examples with `mask == False` are ignored."""
-  logits = model.apply({'params': params}, batch['image'], train=False)
+def eval_step(variables, batch, *, model):
+  """Evaluation metrics of a batch; examples with `mask == False` are ignored.
+
+  `variables`: {'params': ..., **model_state} (`TrainState.variables`).
+  """
+  logits = model.apply(variables, batch['image'], train=False)
   return metrics_lib.EvalMetrics.single_from_model_output(
       loss=cross_entropy(logits, batch['label']), logits=logits,
       labels=batch['label'], mask=batch.get('mask'))
@@ -202,14 +219,14 @@ def _pmap_train_fn(config, num_train: int, mesh, donate: bool = True):
 # --------------------------------------------------------------- evaluation
 
 def make_eval_fn(model: models.CNN, mesh):
-  """The jitted `eval_fn(params, split) -> EvalMetrics` of a whole split
+  """The jitted `eval_fn(variables, split) -> EvalMetrics` of a whole split
   (`device_eval_split`'s padded [num_batches, batch, ...] arrays)."""
   step = functools.partial(eval_step, model=model)
 
-  def eval_fn(params, split):
+  def eval_fn(variables, split):
     def body(acc, batch):
       batch = dict(batch, image=input_pipeline.normalize(batch['image']))
-      return acc.merge(step(params, batch)), None
+      return acc.merge(step(variables, batch)), None
     metrics, _ = jax.lax.scan(body, metrics_lib.EvalMetrics.empty(), split)
     return metrics
 
@@ -230,21 +247,23 @@ def device_eval_split(split: input_pipeline.Split, eval_batch_size: int, mesh):
       mesh)
 
 
-def evaluate(eval_fn, params, device_split) -> dict[str, float]:
+def evaluate(eval_fn, variables, device_split) -> dict[str, float]:
   """The metrics of a split (`{'loss', 'accuracy', ...}`) as host floats."""
-  return metrics_lib.to_scalars(jax.device_get(eval_fn(params, device_split)))
+  return metrics_lib.to_scalars(jax.device_get(eval_fn(variables,
+                                                       device_split)))
 
 
 @functools.lru_cache(maxsize=8)
 def _forward_fn(model):
-  return jax.jit(lambda params, images: model.apply(
-      {'params': params}, input_pipeline.normalize(images), train=False))
+  return jax.jit(lambda variables, images: model.apply(
+      variables, input_pipeline.normalize(images), train=False))
 
 
-def logits_of(model: models.CNN, params, images: np.ndarray,
+def logits_of(model: models.CNN, variables, images: np.ndarray,
               batch_size: int = 1000) -> np.ndarray:
   """Logits of uint8 images [N, 28, 28(, 1)] in batches, jitted; the last
-  batch is zero-padded so every batch has one shape (one compile)."""
+  batch is zero-padded so every batch has one shape (one compile).
+  `variables`: {'params': ..., **model_state}."""
   images = np.asarray(images, np.uint8).reshape(
       (-1,) + input_pipeline.IMAGE_SHAPE)
   n = len(images)
@@ -253,5 +272,5 @@ def logits_of(model: models.CNN, params, images: np.ndarray,
       [images, np.zeros((-n % batch_size,) + images.shape[1:], np.uint8)])
   fwd = _forward_fn(model)
   return np.concatenate(
-      [np.asarray(fwd(params, images[i:i + batch_size]))
+      [np.asarray(fwd(variables, images[i:i + batch_size]))
        for i in range(0, len(images), batch_size)])[:n]

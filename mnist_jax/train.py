@@ -429,7 +429,7 @@ class _Loop:
   def _dispatch_evaluation(self, state) -> dict[str, Any]:
     """The splits' device-side metrics, every split dispatched at once."""
     return parallel.prefetch_to_host(
-        {name: self.run.eval_fn(state.params, split)
+        {name: self.run.eval_fn(state.variables, split)
          for name, split in self.run.eval_splits.items()})
 
   def _stop(self, state, step):

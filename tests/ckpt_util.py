@@ -39,10 +39,11 @@ def saved_params(workdir, step=None):
     abstract = jax.tree.map(
         lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
         meta)
-    _, params, _ = checkpointing.restore_params(manager, abstract, step)
+    _, variables, _ = checkpointing.restore_variables(
+        manager, {'params': abstract}, step)
   finally:
     manager.close()
-  return jax.tree.map(np.asarray, params)
+  return jax.tree.map(np.asarray, variables['params'])
 
 
 def assert_bitwise_equal(a, b):

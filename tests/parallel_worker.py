@@ -48,7 +48,7 @@ class Recorder(base.Hook):
         {str(x.dtype) for x in leaves if jax.numpy.issubdtype(
             x.dtype, jax.numpy.floating)})
     self.out['eval_counts'] = {
-        name: int(jax.device_get(run.eval_fn(state.params, split))
+        name: int(jax.device_get(run.eval_fn(state.variables, split))
                   .accuracy.count)
         for name, split in run.eval_splits.items()}
     self.out['local_rows'] = local_batch_rows(run)

@@ -118,6 +118,6 @@ def test_checkpoints_move_between_device_counts(reference,
                                  jax.tree.map(np.asarray, init.params))
   for name, split in run.eval_splits.items():
     want = steps.evaluate(run.eval_fn, parallel.put_replicated(
-        init.params, run.mesh), split)
+        init.variables, run.mesh), split)
     assert record[f'{name}_accuracy'] == want['accuracy']
     assert record[f'{name}_loss'] == want['loss']

@@ -170,9 +170,9 @@ def test_eval_mode_and_info(reference, capsys):
   at10 = config.copy_and_resolve_references()
   at10.eval_step = 10
   assert evaluate.evaluate_checkpoint(at10, workdir)['step'] == 10
-  step, params = predict.restore_params(at10, workdir)  # --mode predict too
-  assert step == 10
-  ckpt_util.assert_bitwise_equal(jax.tree.map(np.asarray, params),
+  step, variables = predict.restore_variables(at10, workdir)  # --mode predict
+  assert step == 10 and list(variables) == ['params']
+  ckpt_util.assert_bitwise_equal(jax.tree.map(np.asarray, variables['params']),
                                  ckpt_util.saved_params(workdir, 10))
   at10.eval_step = 11
   with pytest.raises(CheckpointError,

@@ -91,7 +91,8 @@ def test_evaluation_counts_every_example_exactly_once(tiny_config):
                        train=False)
   expected = np.mean(np.argmax(logits, -1) == data.test.labels)
   for split in (split, whole):
-    metrics = jax.device_get(steps.make_eval_fn(model, mesh)(params, split))
+    metrics = jax.device_get(steps.make_eval_fn(model, mesh)(
+        {'params': params}, split))
     assert int(metrics.accuracy.count) == 230
     assert int(metrics.loss.count) == 230
     np.testing.assert_allclose(float(metrics.accuracy.compute()), expected,

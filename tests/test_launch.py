@@ -64,7 +64,7 @@ class _EvalCounts(base.Hook):
   """Records how many examples each evaluation split counts."""
 
   def on_train_end(self, run, step, state, result):
-    self.counts = {name: int(run.eval_fn(state.params, split).accuracy.count)
+    self.counts = {name: int(run.eval_fn(state.variables, split).accuracy.count)
                    for name, split in run.eval_splits.items()}
     self.num_train = len(run.data.train)
 

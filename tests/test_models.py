@@ -46,16 +46,20 @@ def test_end_points_names_and_shapes():
   np.testing.assert_allclose(points['fc4'][:, 0, 0], logits, rtol=1e-6)
 
 
-def test_abstract_params_match_init_params_with_the_given_sharding():
-  model = models.CNN(num_classes=7)
-  params = models.init_params(model, jax.random.key(0))
+@pytest.mark.parametrize('batch_norm', [False, True])
+def test_abstract_variables_match_init_variables_with_the_given_sharding(
+    batch_norm):
+  model = models.CNN(num_classes=7, batch_norm=batch_norm)
+  variables = models.init_variables(model, jax.random.key(0))
+  assert sorted(variables) == (['batch_stats', 'params'] if batch_norm
+                               else ['params'])
   sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  abstract = models.abstract_params(model, sharding)
-  assert jax.tree.structure(abstract) == jax.tree.structure(params)
-  for a, p in zip(jax.tree.leaves(abstract), jax.tree.leaves(params)):
+  abstract = models.abstract_variables(model, sharding)
+  assert jax.tree.structure(abstract) == jax.tree.structure(variables)
+  for a, p in zip(jax.tree.leaves(abstract), jax.tree.leaves(variables)):
     assert (a.shape, a.dtype, a.sharding) == (p.shape, p.dtype, sharding)
   assert all(a.sharding is None
-             for a in jax.tree.leaves(models.abstract_params(model)))
+             for a in jax.tree.leaves(models.abstract_variables(model)))
 
 
 def test_initialisation_variance_scaling_fan_avg_and_zero_bias():

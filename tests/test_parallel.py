@@ -90,7 +90,9 @@ def one_device(idx_dir, tmp_path_factory):
                {'name': 'nodrop', 'overrides': {'num_train_steps': STEPS,
                                                 'dropout_keep_prob': 1.0}},
                {'name': 'jit_bf16', 'overrides': {
-                   'num_train_steps': STEPS, 'dtype': 'bfloat16'}})
+                   'num_train_steps': STEPS, 'dtype': 'bfloat16'}},
+               {'name': 'jit_bn', 'overrides': {
+                   'num_train_steps': STEPS, 'batch_norm': True}})
   [(results, _)] = _run_workers(tmp, 'one', runs, [_env(1)])
   assert results['jit']['devices'] == 1
   return results
@@ -108,7 +110,9 @@ def eight_devices(idx_dir, tmp_path_factory):
                    'eval_batch_size': 60}},
                {'name': 'pmap_bf16', 'overrides': {
                    'num_train_steps': STEPS, 'dtype': 'bfloat16',
-                   'parallelism': 'pmap', 'steps_per_dispatch': 3}})
+                   'parallelism': 'pmap', 'steps_per_dispatch': 3}},
+               {'name': 'jit_bn', 'overrides': {
+                   'num_train_steps': STEPS, 'batch_norm': True}})
   [(results, _)] = _run_workers(tmp, 'eight', runs, [_env(8)])
   assert results['jit']['devices'] == 8
   return results
@@ -132,6 +136,15 @@ def test_jit_mesh_on_8_devices_equals_1_device_with_dropout(
   # with partitionable threefry (jax's default since 0.5).
   assert jax.config.jax_threefry_partitionable
   _assert_same_run(eight_devices['jit'], one_device['jit'])
+
+
+def test_batch_norm_normalises_the_global_batch_on_a_mesh(one_device,
+                                                         eight_devices):
+  """On the jit path BatchNorm's batch statistics are the global batch's
+  (XLA reduces across the shards): 8 devices train as 1 does."""
+  _assert_same_run(eight_devices['jit_bn'], one_device['jit_bn'])
+  assert not np.allclose(one_device['jit_bn']['losses'],
+                         one_device['jit']['losses'], rtol=1e-4)
 
 
 def test_jit_compiles_ahead_of_the_clock_pmap_at_first_use(eight_devices):
@@ -169,7 +182,7 @@ def test_bfloat16_activations_and_float32_params():
   config.dtype = 'bfloat16'
   model = models.create_model(config)
   images = jax.ShapeDtypeStruct((2, 28, 28, 1), np.float32)
-  params = models.abstract_params(model)
+  params = models.abstract_variables(model)['params']
   assert {str(x.dtype) for x in jax.tree.leaves(params)} == {'float32'}
   logits, points = jax.eval_shape(
       lambda p, x: models.end_points(model, {'params': p}, x), params, images)

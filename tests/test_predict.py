@@ -88,7 +88,8 @@ def test_files_of_any_colour_mode_load(tmp_path, fmt, mode):
 @pytest.fixture(scope='module')
 def model_params():
   model = models.create_model(default.get_config())
-  return model, jax.device_get(models.init_params(model, jax.random.key(0)))
+  return model, {'params': jax.device_get(
+      models.init_params(model, jax.random.key(0)))}
 
 
 def test_predict_top3_and_unreadable_files(tmp_path, model_params):
@@ -120,7 +121,7 @@ def test_run_prints_errors_naming_the_file(tmp_path, monkeypatch,
                                            model_params):
   model, params = model_params
   del model
-  monkeypatch.setattr(predict, 'restore_params', lambda c, w: (7, params))
+  monkeypatch.setattr(predict, 'restore_variables', lambda c, w: (7, params))
   good = tmp_path / 'a.jpg'
   Image.fromarray(digit_one()).convert('RGB').save(good)
   out, err = io.StringIO(), io.StringIO()
@@ -136,4 +137,4 @@ def test_run_prints_errors_naming_the_file(tmp_path, monkeypatch,
 
 def test_no_checkpoint_is_a_clear_error(tmp_path):
   with pytest.raises(UserError, match='no checkpoints'):
-    predict.restore_params(default.get_config(), str(tmp_path))
+    predict.restore_variables(default.get_config(), str(tmp_path))

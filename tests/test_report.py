@@ -33,9 +33,9 @@ def written(idx_dir, tmp_path_factory):
                         {'step': 36, 'train_loss': 1.0, 'train_accuracy': 0.6,
                          'validation_loss': 2.25, 'validation_accuracy': 0.125,
                          'test_loss': 2.3, 'test_accuracy': 0.12}]}
-  out = report.write_report(workdir, config, params, test=test,
+  out = report.write_report(workdir, config, {'params': params}, test=test,
                             history=history)
-  logits = steps.logits_of(model, params, test.images)
+  logits = steps.logits_of(model, {'params': params}, test.images)
   return out, test, logits, history
 
 

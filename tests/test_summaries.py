@@ -224,8 +224,8 @@ def test_epoch_summaries_are_written_beside_the_loop(tmp_path, tiny_config):
   hook.train_writer = hook.eval_writer = BlockingWriter()
   record = {'test_accuracy': 0.5, 'validation_accuracy': 0.5}
   try:
-    hook.on_epoch_end(run, 1, 10, types.SimpleNamespace(params=params),
-                      record)  # returns while the writer blocks
+    hook.on_epoch_end(run, 1, 10, types.SimpleNamespace(
+        params=params, variables={'params': params}), record)  # returns while the writer blocks
     for x in jax.tree.leaves(params):
       x.delete()  # what donation to the next step does
     release.set()
@@ -260,7 +260,7 @@ def test_layer_stats_count_zeros_of_each_end_point(tiny_config):
   params = models.init_params(model, jax.random.key(0))
   test = input_pipeline.load(tiny_config).test.images[:16]
   stats = summaries.make_layer_stats_fn(model, max_histogram_values=100)(
-      params, test, test, jax.random.key(1))
+      {'params': params}, test, test, jax.random.key(1))
   _, points = models.end_points(model, {'params': params},
                                 input_pipeline.normalize(test), train=False)
   for name in models.END_POINTS:

@@ -99,13 +99,13 @@ class CheckpointHook(base.Hook):
     directory, step = checkpointing.resolve_checkpoint_path(path)
     manager = checkpointing.create_manager(directory, read_only=True)
     try:
-      step, params, _ = checkpointing.restore_params(
-          manager, checkpointing.abstract_like(state.params), step)
+      step, variables, _ = checkpointing.restore_variables(
+          manager, checkpointing.abstract_like(state.variables), step)
     finally:
       manager.close()
     parallel.say(f'Fine-tuning: parameters from {directory}/{step}; fresh '
                  'optimizer state, starting at step 0.')
-    return state.replace(params=params)
+    return state.replace(params=variables.pop('params'), model_state=variables)
 
   # ---------------------------------------------------------------- saving
   def on_steps(self, run, step, state):

@@ -17,5 +17,5 @@ class ReportHook(base.Hook):
     if (result is None or result.get('stopped_early')
         or not parallel.is_lead()):
       return
-    report.write_report(run.workdir, run.config, state.params,
+    report.write_report(run.workdir, run.config, state.variables,
                         test=run.data.test, history=result)

@@ -56,7 +56,7 @@ def flatten_config(config) -> dict[str, Any]:
 
 def make_layer_stats_fn(model: models.CNN,
                         max_histogram_values: int = MAX_HISTOGRAM_VALUES):
-  """Returns jitted `stats(params, train_images, test_images, rng)`.
+  """Returns jitted `stats(variables, train_images, test_images, rng)`.
 
   Args:
     model: the CNN.
@@ -69,8 +69,7 @@ def make_layer_stats_fn(model: models.CNN,
     dropout (`train=True`, keyed by `rng`), the test batch without.
   """
 
-  def stats(params, train_images, test_images, rng):
-    variables = {'params': params}
+  def stats(variables, train_images, test_images, rng):
     dropout_rng, sample_rng = jax.random.split(rng)
     _, train_points = models.end_points(
         model, variables, input_pipeline.normalize(train_images), train=True,
@@ -221,7 +220,7 @@ class SummaryHook(base.Hook):
     # steps take the parameters' buffers (donation); fetched and written on
     # the background thread.
     self._statistics = (epoch, self._epoch_statistics(run, epoch,
-                                                      state.params))
+                                                      state.variables))
 
   def on_epoch_end(self, run, epoch, step, state, record):
     evaluated = {k: v for k, v in record.items()
@@ -232,10 +231,10 @@ class SummaryHook(base.Hook):
                     if k.startswith('validation_')})
     taken, self._statistics = self._statistics, None
     stats, images = (taken[1] if taken and taken[0] == epoch else
-                     self._epoch_statistics(run, epoch, state.params))
+                     self._epoch_statistics(run, epoch, state.variables))
     self._submit(self._write_epoch, step, scalars, stats, images)
 
-  def _epoch_statistics(self, run, epoch, params):
+  def _epoch_statistics(self, run, epoch, variables):
     """(device-side layer statistics, sample images) of epoch `epoch`."""
     seed = run.config.seed
     host_rng = np.random.default_rng([seed, _SUMMARY_STREAM, epoch])
@@ -245,7 +244,7 @@ class SummaryHook(base.Hook):
     test_idx = np.sort(host_rng.choice(len(test), batch, replace=False))
     rng = jax.random.fold_in(self._stats_key, epoch)
     stats = parallel.prefetch_to_host(self._stats_fn(
-        params, train.images[train_idx], test.images[test_idx], rng))
+        variables, train.images[train_idx], test.images[test_idx], rng))
     shown = host_rng.choice(len(train), NUM_SUMMARY_IMAGES, replace=False)
     return stats, train.images[shown]
 

@@ -240,8 +240,10 @@ def test_bad_labels_name_the_labels_file(tmp_path, tiny_config):
 # ------------------------------------------------- config.data.name (TFDS)
 
 def _tfds_by_name(tiny_config, monkeypatch, data_dir='', num_examples=30):
-  """TFDS mocked so that the dataset `name` has images all `_value(name)`;
-  returns (tfds, calls: the (builder name, split) of every read)."""
+  """The TFDS source on `data_dir`; returns (tfds, calls, as_dataset): a mock
+  `as_dataset` for `tfds.testing.mock_data` whose dataset `name` has images
+  all `_value(name)` and that appends each read's (builder name, split) to
+  `calls`."""
   tfds = pytest.importorskip('tensorflow_datasets')
   tf = pytest.importorskip('tensorflow')
   monkeypatch.setattr(tf_setup, 'hide_accelerators_from_tf', lambda: True)

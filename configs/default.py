@@ -25,7 +25,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # --- Data ---
   config.data = ml_collections.ConfigDict()
-  config.data.source = 'tfds'  # 'tfds' (tfds.load('mnist')) or 'idx' (MNIST_data/ IDX files).
+  config.data.source = 'tfds'  # 'tfds' (tfds.load(data.name)) or 'idx' (MNIST_data/ IDX files).
+  config.data.name = 'mnist'  # TFDS dataset of 28x28x1 uint8 images + int label: 'mnist', 'fashion_mnist', 'kmnist', ...; 'idx' ignores it (reads the folder's four files).
   config.data.dir = ''  # TFDS data dir or IDX folder; '' = TFDS_DATA_DIR / TFDS default.
   config.data.num_validation = 5000  # First N training images validate (tutorial: 5,000).
   config.data.download = 'auto'  # 'auto': TFDS downloads MNIST once if missing; 'false': never (offline/TPU).

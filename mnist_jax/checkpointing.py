@@ -47,6 +47,10 @@ MAY_CHANGE_ON_RESUME = (
     'distributed', 'data.dir', 'data.download', 'data.cache_dir')
 
 
+# Fields added to the config since runs were first saved, with the value
+# every run before them had: a saved config without one was that run.
+IMPLIED_WHEN_ABSENT = {'data.name': 'mnist'}
+
 # Fields `run_config` leaves as the command line has them: how this machine
 # runs the same function, not what the run was.
 THIS_MACHINE = ('lowering', 'parallelism', 'distributed',
@@ -378,13 +382,17 @@ def run_config(workdir: str, config, overrides=(), step: int | None = None):
   return merged
 
 
+def _identity_leaves(tree: dict[str, Any]) -> dict[str, Any]:
+  return {**IMPLIED_WHEN_ABSENT, **config_lib.leaves(tree)}
+
+
 def changed_fields(old: dict[str, Any], new: dict[str, Any],
                    may_change: Sequence[str] = MAY_CHANGE_ON_RESUME
                    ) -> list[str]:
   """The dotted fields, outside `may_change`, where two configs (as JSON
   dicts) differ, sorted. Fields only one side has (added or removed by a
-  code change) are not differences."""
-  a, b = config_lib.leaves(old), config_lib.leaves(new)
+  code change) are not differences, except those `IMPLIED_WHEN_ABSENT`."""
+  a, b = _identity_leaves(old), _identity_leaves(new)
   return [f for f in sorted(set(a) & set(b))
           if not _within(f, may_change) and a[f] != b[f]]
 
@@ -393,7 +401,7 @@ def run_identity_diffs(saved: dict[str, Any], config) -> list[str]:
   """The fields, outside `MAY_CHANGE_ON_RESUME`, where `config` differs from
   the `saved` config, each as `field=<saved> (checkpoint) vs <now> (now)`."""
   now = config_json(config)
-  a, b = config_lib.leaves(saved), config_lib.leaves(now)
+  a, b = _identity_leaves(saved), _identity_leaves(now)
   return [f'{f}={a[f]!r} (checkpoint) vs {b[f]!r} (now)'
           for f in changed_fields(saved, now)]
 

@@ -5,11 +5,17 @@ from __future__ import annotations
 
 import ast
 import os
+import re
 import tokenize
 
 from mnist_jax.errors import ConfigError
 
 DATA_SOURCES = ('tfds', 'idx')
+# config.data.name: a TFDS name, optionally with a config and a version
+# ('mnist', 'emnist/balanced', 'mnist:3.*.*'); also a folder in the data dir.
+DATASET_NAME = re.compile(r'[a-z][a-z0-9_]*(/[A-Za-z0-9_][\w.-]*)?(:[\d.*]+)?')
+# Datasets the model takes as they are (28x28x1 uint8 images, 10 classes).
+DATASET_EXAMPLES = "'mnist', 'fashion_mnist' or 'kmnist'"
 LOWERINGS = ('auto', 'fast', 'reference')
 DTYPES = ('float32', 'bfloat16')
 PARALLELISMS = ('jit', 'pmap')
@@ -79,6 +85,9 @@ def validate(config) -> None:
         'num_train_steps', 'must be -1 (use num_epochs) or > 0.')
   check(config.data.source in DATA_SOURCES, 'data.source',
         f'unknown data source; use one of {DATA_SOURCES}.')
+  check(isinstance(config.data.name, str)
+        and DATASET_NAME.fullmatch(config.data.name), 'data.name',
+        f'not a TFDS dataset name; use e.g. {DATASET_EXAMPLES}.')
   check(config.lowering in LOWERINGS, 'lowering', f'use one of {LOWERINGS}.')
   check(config.dtype in DTYPES, 'dtype', f'use one of {DTYPES}.')
   check(config.parallelism in PARALLELISMS, 'parallelism',
@@ -113,10 +122,43 @@ def validate_against_data(config, num_train: int,
     raise ConfigError(
         f'config.batch_size={config.batch_size} is larger than the training '
         f'split ({num_train} images); use at most {num_train}.')
-  if max_label is not None and max_label >= config.num_classes:
+  if max_label is not None:
+    validate_num_classes(config, max_label, 'the data')
+
+
+def validate_dataset(config, image_shape: tuple[int | None, ...],
+                     image_dtype: str, num_labels: int | None,
+                     model_shape: tuple[int, ...]) -> None:
+  """Checks the TFDS dataset `config.data.name` against the model: images of
+  `model_shape` and dtype uint8, a class for every label.
+
+  Args:
+    config: the run's config.
+    image_shape: the dataset's image shape (from its TFDS features, before
+      anything is downloaded, or from the loaded images).
+    image_dtype: the images' dtype name.
+    num_labels: how many classes its labels take (None: unknown).
+    model_shape: the image shape the model takes.
+  """
+  name = config.data.name
+  shape = lambda s: 'x'.join('?' if d is None else str(d) for d in s)  # pylint: disable=unnecessary-lambda-assignment
+  if tuple(image_shape) != tuple(model_shape) or image_dtype != 'uint8':
     raise ConfigError(
-        f'config.num_classes={config.num_classes}: the data has label '
-        f'{max_label}; use at least {max_label + 1}.')
+        f'config.data.name={name!r}: its images are {shape(image_shape)} '
+        f'{image_dtype}, the model takes {shape(model_shape)} uint8; use a '
+        f'dataset of such images, e.g. {DATASET_EXAMPLES}.')
+  if num_labels:
+    validate_num_classes(config, num_labels - 1, f'TFDS {name}')
+
+
+def validate_num_classes(config, max_label: int, what: str) -> None:
+  """Checks that `config.num_classes` has a class for `what`'s largest
+  label, `max_label` (`what`: e.g. a labels file, for a damaged one)."""
+  if max_label >= config.num_classes:
+    raise ConfigError(
+        f'config.num_classes={config.num_classes}: {what} has label '
+        f'{max_label}; use at least {max_label + 1} '
+        f'(--config.num_classes={max_label + 1}).')
 
 
 def validate_against_devices(config, num_devices: int,

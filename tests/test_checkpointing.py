@@ -86,6 +86,19 @@ def test_config_change_that_alters_the_run_is_refused(reference):
     ckpt_util.run(changed, workdir)
 
 
+def test_resuming_with_another_dataset_is_refused(tiny_config):
+  saved = checkpointing.config_json(tiny_config)
+  tiny_config.data.name = 'fashion_mnist'
+  with pytest.raises(ConfigError, match=r"data.name='mnist' \(checkpoint\) "
+                     r"vs 'fashion_mnist' \(now\)"):
+    checkpointing.check_same_run(saved, tiny_config, '/run/checkpoints')
+  del saved['data']['name']  # a checkpoint from before `data.name`: MNIST
+  with pytest.raises(ConfigError, match=r"data.name='mnist' \(checkpoint\)"):
+    checkpointing.check_same_run(saved, tiny_config, '/run/checkpoints')
+  tiny_config.data.name = 'mnist'
+  checkpointing.check_same_run(saved, tiny_config, '/run/checkpoints')
+
+
 def _fresh_state(run):
   return parallel.put_replicated(steps.create_train_state(
       run.config, run.model, len(run.data.train), run.rngs['init']), run.mesh)

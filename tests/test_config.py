@@ -53,6 +53,9 @@ def test_unknown_config_arg():
     ('seed', -1, r'seed=-1: must be an integer in \[0, 2\*\*32\)'),
     ('seed', 2**40, 'seed=1099511627776'),  # would train as seed 0
     ('data.num_validation', -1, r'num_validation=-1: must be an integer >= 0'),
+    ('data.name', '', "data.name='': not a TFDS dataset name; use e.g."),
+    ('data.name', '../mnist', 'not a TFDS dataset name'),
+    ('data.name', 'MNIST', 'not a TFDS dataset name'),
 ])
 def test_invalid_values_rejected(field, value, message):
   c = default.get_config()
@@ -82,10 +85,18 @@ def test_labels_beyond_num_classes_rejected_before_training(
   called = []
   monkeypatch.setattr(steps, 'create_train_state',
                       lambda *a, **k: called.append(1))
-  with pytest.raises(ConfigError, match='num_classes=3: the data has label 9;'
-                     ' use at least 10'):
+  with pytest.raises(ConfigError, match=r'num_classes=3: \S+/train-labels-'
+                     r'idx1-ubyte.gz has label 9; use at least 10'):
     train.train_and_evaluate(tiny_config, str(tmp_path))
   assert not called
+
+
+def test_tfds_dataset_names_accepted():
+  c = default.get_config()
+  for name in ('fashion_mnist', 'emnist/balanced', 'mnist:3.0.1',
+               'mnist_corrupted/shot_noise:1.*.*'):
+    c.data.name = name
+    config_lib.validate(c)
 
 
 def test_get_reads_dotted_fields():

@@ -77,8 +77,8 @@ def test_auto_downloads_once_when_missing(tmp_path, fake_download, capsys):
   assert sorted(zip(map(bytes, data.test.images[..., 0]), data.test.labels)) \
       == sorted(zip(map(bytes, images), labels))
   out = capsys.readouterr().out
-  assert f'MNIST is not prepared in {data_dir}: downloading' in out
-  assert f'MNIST downloaded and prepared in {data_dir} in ' in out
+  assert f'TFDS mnist is not prepared in {data_dir}: downloading' in out
+  assert f'TFDS mnist downloaded and prepared in {data_dir} in ' in out
   assert os.path.isdir(data_dir / 'mnist')
 
   again = input_pipeline.load(_config(data_dir))  # prepared: no download
@@ -92,7 +92,7 @@ def test_download_true_is_auto_and_false_never_downloads(tmp_path,
   with pytest.raises(DataError) as e:
     input_pipeline.load(_config(tmp_path / 'tfds', download='false'))
   assert str(e.value).startswith(
-      f'Cannot read MNIST (TFDS mnist/train) from {tmp_path}/tfds '
+      f'Cannot read TFDS mnist/train from {tmp_path}/tfds '
       '(config.data.download=false: nothing is downloaded): ')
   assert 'TFDS_DATA_DIR' in str(e.value) and not fake_download.calls
   input_pipeline.load(_config(tmp_path / 'tfds', download='true'))
@@ -112,7 +112,7 @@ def test_offline_auto_fails_at_once_with_one_line(tmp_path, fake_download,
     input_pipeline.load(_config(data_dir))
   message = str(e.value)
   assert message.startswith(
-      f'Could not download MNIST into {data_dir} (cannot resolve '
+      f'Could not download TFDS mnist into {data_dir} (cannot resolve '
       'storage.googleapis.com: [Errno -2] Name or service not known). '
       'Without network access, put a prepared tensorflow_datasets folder')
   assert 'TFDS_DATA_DIR' in message and '--config.data.source=idx' in message
@@ -128,7 +128,7 @@ def test_failed_download_is_one_line(tmp_path, fake_download):
     input_pipeline.load(_config(data_dir))
   message = str(e.value)
   assert '\n' not in message
-  assert message.startswith(f'Could not download MNIST into {data_dir} '
+  assert message.startswith(f'Could not download TFDS mnist into {data_dir} '
                             '(ConnectionError: ')
   assert 'TFDS_DATA_DIR' in message and '--config.data.source=idx' in message
   assert len(fake_download.calls) == 1

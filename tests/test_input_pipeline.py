@@ -1,6 +1,7 @@
 """MNIST input: both sources, the tutorial's split, data order, exact eval."""
 
 import gzip
+import hashlib
 import os
 
 import jax
@@ -14,7 +15,7 @@ from mnist_jax import models
 from mnist_jax import parallel
 from mnist_jax import steps
 from mnist_jax import tf_setup
-from mnist_jax.errors import DataError
+from mnist_jax.errors import ConfigError, DataError
 
 
 @pytest.mark.parametrize('gz', [True, False])
@@ -229,6 +230,120 @@ def test_bad_labels_name_the_labels_file(tmp_path, tiny_config):
   labels = np.full(230, 12, np.uint8)
   conftest.write_idx(os.path.join(folder, 't10k-labels-idx1-ubyte.gz'), labels)
   tiny_config.data.dir = folder
-  with pytest.raises(DataError, match=r't10k-labels-idx1-ubyte\.gz: labels '
-                     r'outside 0\.\.9'):
+  with pytest.raises(ConfigError, match=r'config.num_classes=10: \S+/'
+                     r't10k-labels-idx1-ubyte\.gz has label 12; use at least '
+                     r'13'):
     input_pipeline.load(tiny_config)
+  tiny_config.num_classes = 13  # a dataset of 13 classes in IDX files
+  assert input_pipeline.load(tiny_config).test.labels.max() == 12
+
+
+# ------------------------------------------------- config.data.name (TFDS)
+
+def _tfds_by_name(tiny_config, monkeypatch, data_dir='', num_examples=30):
+  """The TFDS source on `data_dir`; returns (tfds, calls, as_dataset): a mock
+  `as_dataset` for `tfds.testing.mock_data` whose dataset `name` has images
+  all `_value(name)` and that appends each read's (builder name, split) to
+  `calls`."""
+  tfds = pytest.importorskip('tensorflow_datasets')
+  tf = pytest.importorskip('tensorflow')
+  monkeypatch.setattr(tf_setup, 'hide_accelerators_from_tf', lambda: True)
+  tiny_config.data.source = 'tfds'
+  tiny_config.data.dir = data_dir
+  tiny_config.data.num_validation = 10
+  calls = []
+
+  def as_dataset(self, split, **kwargs):
+    del kwargs
+    calls.append((self.name, str(split)))
+    shape = self.info.features['image'].shape
+    return tf.data.Dataset.from_tensor_slices({
+        'image': np.full((num_examples, *shape), _value(self.name), np.uint8),
+        'label': np.arange(num_examples) % 10})
+
+  return tfds, calls, as_dataset
+
+
+def _value(name):
+  return int(hashlib.sha256(name.encode()).hexdigest(), 16) % 200 + 1
+
+
+def test_data_name_is_the_tfds_dataset_read(tiny_config, monkeypatch):
+  tfds, calls, as_dataset = _tfds_by_name(tiny_config, monkeypatch)
+  tiny_config.data.name = 'fashion_mnist'
+  tiny_config.data.cache_dir = 'none'
+  with tfds.testing.mock_data(as_dataset_fn=as_dataset):
+    data = input_pipeline.load(tiny_config)
+  assert sorted(calls) == [('fashion_mnist', 'test'), ('fashion_mnist',
+                                                      'train')]
+  assert (data.train.images == _value('fashion_mnist')).all()
+  assert len(data.test) == 30
+
+
+def test_decoded_cache_never_mixes_two_datasets(tmp_path, tiny_config,
+                                                monkeypatch):
+  tfds, calls, as_dataset = _tfds_by_name(tiny_config, monkeypatch,
+                                          str(tmp_path / 'tfds'))
+  tiny_config.data.cache_dir = str(tmp_path / 'cache')
+  records = {}
+  for name in ('mnist', 'fashion_mnist'):
+    records[name] = tmp_path / 'tfds' / name / '3.0.1' / 'train.tfrecord-0'
+    records[name].parent.mkdir(parents=True)
+    records[name].write_bytes(b'same bytes')
+    os.utime(records[name], (1000, 1000))
+  with tfds.testing.mock_data(as_dataset_fn=as_dataset):
+    for _ in range(2):  # decoded, then served from the cache
+      for name in ('mnist', 'fashion_mnist'):
+        tiny_config.data.name = name
+        data = input_pipeline.load(tiny_config)
+        assert (data.test.images == _value(name)).all(), name
+  assert len(calls) == 4  # each dataset's two splits decoded once
+  entries = sorted(p.name for p in (tmp_path / 'cache').glob('*.npz'))
+  assert [e.split('-')[0] for e in entries] == ['fashion_mnist', 'mnist']
+  # MNIST's entry keeps the name it had before `data.name`: still used.
+  record = records['mnist']
+  old_key = hashlib.sha256(repr([(str(record), record.stat().st_size,
+                                  record.stat().st_mtime)]).encode())
+  assert entries[1] == f'mnist-{old_key.hexdigest()[:16]}.npz'
+
+
+@pytest.mark.parametrize('name, error', [
+    ('cifar10', r"config.data.name='cifar10': its images are 32x32x3 uint8, "
+                r"the model takes 28x28x1 uint8; use a dataset of such images, "
+                r"e.g. 'mnist', 'fashion_mnist' or 'kmnist'\.$"),
+    ('emnist/balanced', r'config.num_classes=10: TFDS emnist/balanced has '
+                        r'label 46; use at least 47 \(--config.num_classes=47'),
+    ('imdb_reviews', r"imdb_reviews': not an image classification dataset"),
+    ('zzqx', r"config.data.name='zzqx': not a TFDS "
+                r"dataset; use e.g. 'mnist'"),
+    ('fashion_mnst', r"'fashion_mnst': not a TFDS dataset; did you mean "
+                     r"'fashion_mnist'\?$"),
+])
+def test_a_dataset_the_model_cannot_take_is_one_line(tiny_config, monkeypatch,
+                                                     name, error):
+  tfds, calls, as_dataset = _tfds_by_name(tiny_config, monkeypatch)
+  tiny_config.data.name = name
+  tiny_config.data.cache_dir = 'none'
+  with tfds.testing.mock_data(as_dataset_fn=as_dataset):
+    with pytest.raises(ConfigError, match=error) as e:
+      input_pipeline.load(tiny_config)
+  assert '\n' not in str(e.value)
+  assert not calls  # known from the dataset's description: nothing read
+
+
+def test_images_of_the_wrong_shape_are_caught_when_loaded(tiny_config,
+                                                          monkeypatch):
+  """A dataset whose data does not match its description."""
+  tfds, _, _ = _tfds_by_name(tiny_config, monkeypatch)
+  tf = pytest.importorskip('tensorflow')
+  tiny_config.data.cache_dir = 'none'
+
+  def as_dataset(self, split, **kwargs):
+    del self, split, kwargs
+    return tf.data.Dataset.from_tensor_slices({
+        'image': np.zeros((20, 32, 32, 1), np.uint8), 'label': np.zeros(20)})
+
+  with tfds.testing.mock_data(as_dataset_fn=as_dataset):
+    with pytest.raises(ConfigError, match=r"config.data.name='mnist': its "
+                       r'images are 32x32x1 uint8, the model takes 28x28x1'):
+      input_pipeline.load(tiny_config)

@@ -112,6 +112,8 @@ def test_mode_config_lists_every_field_as_the_run_would_use_it(tmp_path):
   by_field = dict(zip(fields, lines[1:]))
   assert by_field['seed'].startswith('* seed = 3 ')
   assert by_field['data.dir'].startswith("* data.dir = '/data' ")
+  assert by_field['data.name'].startswith("  data.name = 'mnist' ")
+  assert "'fashion_mnist'" in by_field['data.name']
   # Comments: the base config's (default.py), unless tpu.py has its own.
   assert by_field['batch_size'].startswith('  batch_size = 512 ')
   assert by_field['batch_size'].endswith('Global training batch size.')

@@ -49,7 +49,7 @@ MAY_CHANGE_ON_RESUME = (
 
 # Fields added to the config since runs were first saved, with the value
 # every run before them had: a saved config without one was that run.
-IMPLIED_WHEN_ABSENT = {'data.name': 'mnist'}
+IMPLIED_WHEN_ABSENT = {'data.name': 'mnist', 'batch_norm': False}
 
 # Fields `run_config` leaves as the command line has them: how this machine
 # runs the same function, not what the run was.
@@ -235,23 +235,28 @@ def _flat_shapes(tree) -> dict[str, tuple[int, ...]]:
           for path, x in flat}
 
 
-def check_variable_shapes(manager, step: int, abstract_variables,
-                          what: str) -> None:
+def check_variable_shapes(
+    manager, step: int, abstract_variables, what: str = 'The checkpoint',
+    advice: str = 'Is config.num_classes (or the model) the same as in the '
+    'run that saved it?') -> None:
   """Raises CheckpointError listing the model's variables (parameters and
-  model state) whose shapes differ from those in the checkpoint."""
+  model state) whose shapes differ from those in the checkpoint, then
+  `advice`."""
   wanted_tree = _variables_tree(abstract_variables)
   saved_tree = manager.item_metadata(step)['state'].tree
   saved = _flat_shapes({k: saved_tree[k] for k in wanted_tree
                         if k in saved_tree})
   wanted = _flat_shapes(wanted_tree)
-  diffs = [f'{k}: checkpoint {saved.get(k)} vs model {wanted.get(k)}'
-           for k in sorted(set(saved) | set(wanted))
-           if saved.get(k) != wanted.get(k)]
+  # Parameters first, by their names (without the 'params/' prefix).
+  names = sorted(set(saved) | set(wanted),
+                 key=lambda k: (not k.startswith('params/'), k))
+  diffs = [f'{k.removeprefix("params/")}: checkpoint {saved.get(k)} vs model '
+           f'{wanted.get(k)}' for k in names if saved.get(k) != wanted.get(k)]
   if diffs:
+    more = f'; and {len(diffs) - 4} more' if len(diffs) > 4 else ''
     raise CheckpointError(
         f'{what} at {manager.directory}/{step} does not fit the model ('
-        f'{"; ".join(diffs[:4])}). Is config.num_classes (or the model) '
-        'the same as in the run that saved it?')
+        f'{"; ".join(diffs[:4])}{more}). {advice}')
 
 
 def restore_variables(manager, abstract_variables, step: int | None = None):
@@ -267,7 +272,7 @@ def restore_variables(manager, abstract_variables, step: int | None = None):
     (step, variables, the 'run' JSON item).
   """
   def restore_fn(s):
-    check_variable_shapes(manager, s, abstract_variables, 'The checkpoint')
+    check_variable_shapes(manager, s, abstract_variables)
     r = restore_items(manager, s, _variables_tree(abstract_variables),
                       partial=True)
     return {'params': r.state['params'],

@@ -20,6 +20,7 @@ import conftest
 from configs import default as configs_default
 from mnist_jax import checkpointing
 from mnist_jax import evaluate
+from mnist_jax import models
 from mnist_jax import optimizer
 from mnist_jax import parallel
 from mnist_jax import predict
@@ -97,6 +98,26 @@ def test_resuming_with_another_dataset_is_refused(tiny_config):
     checkpointing.check_same_run(saved, tiny_config, '/run/checkpoints')
   tiny_config.data.name = 'mnist'
   checkpointing.check_same_run(saved, tiny_config, '/run/checkpoints')
+
+
+def test_a_changed_model_is_one_line_not_every_checkpoint_unreadable(
+    reference, tmp_path, monkeypatch, capsys):
+  """The same config over a model whose code changed (here: BatchNorm in
+  place of conv1's and conv2's biases): one line naming the layers; no
+  checkpoint is called unreadable, moved or deleted."""
+  config, ref_workdir, _, _ = reference
+  workdir = str(tmp_path)
+  ckpt_util.copy_steps(ref_workdir, workdir, [10, 20])
+  create = models.create_model
+  monkeypatch.setattr(models, 'create_model', lambda c: create(
+      c).clone(batch_norm=True))
+  with pytest.raises(CheckpointError, match=(
+      r'conv1/bias: checkpoint \(32,\) vs model None.*The model changed '
+      'since this run saved it.*Nothing was deleted')):
+    ckpt_util.run(config, workdir)
+  assert 'unreadable' not in capsys.readouterr().err
+  assert ckpt_util.steps(workdir) == [10, 20]
+  assert not os.path.exists(os.path.join(workdir, checkpointing.CORRUPT_DIR))
 
 
 def _fresh_state(run):

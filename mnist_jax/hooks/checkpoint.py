@@ -68,6 +68,12 @@ class CheckpointHook(base.Hook):
     def restore_fn(step):
       saved = checkpointing.restore_items(self.manager, step)
       checkpointing.check_same_run(saved.config, run.config, directory)
+      # The same config and other shapes: the model's code changed since.
+      checkpointing.check_variable_shapes(
+          self.manager, step, state.variables, advice=(
+              'The model changed since this run saved it: undo the change '
+              'to resume the run, or train the changed model in a new '
+              '--workdir. Nothing was deleted.'))
       return checkpointing.restore_items(self.manager, step, abstract)
 
     step, restored, bad = checkpointing.restore_latest_good(

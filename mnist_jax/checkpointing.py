@@ -24,9 +24,12 @@ from absl import logging
 import jax
 from jax.experimental import multihost_utils
 import jax.numpy as jnp
+import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 
 from mnist_jax import config_lib
+from mnist_jax import optimizer
 from mnist_jax import parallel
 from mnist_jax.errors import CheckpointError, ConfigError, UserError
 
@@ -420,3 +423,31 @@ def check_same_run(saved: dict[str, Any], config, directory: str) -> None:
         f'that change the run: {"; ".join(diffs)}. Resuming would mix two '
         'runs: set them back, or use a new --workdir (with --config.init_from='
         '<old workdir> to start from its parameters).')
+
+
+def check_same_schedule(saved: dict[str, Any], config, num_train: int,
+                        step: int, directory: str) -> None:
+  """Raises ConfigError if the learning-rate schedule of `config` differs
+  from the saved run's over the steps it had left (`step` to its end).
+
+  The run's duration may change on resume, but a schedule defined by it
+  (cosine or warm-up over the run's length) then changes with it, silently.
+  A saved config the current `optimizer.learning_rate_schedule` cannot read
+  (fields it has added since) is not compared.
+  """
+  try:
+    saved = ml_collections.ConfigDict(saved)
+    before = optimizer.learning_rate_schedule(saved, num_train)
+    end = optimizer.total_steps(saved, num_train)
+  except (AttributeError, KeyError, TypeError, ValueError):
+    return
+  now = optimizer.learning_rate_schedule(config, num_train)
+  for s in np.unique(np.linspace(step, max(step, end), 9).astype(int)):
+    a, b = float(before(int(s))), float(now(int(s)))
+    if not np.isclose(a, b, rtol=1e-6, atol=0.0):
+      raise ConfigError(
+          f'the learning-rate schedule differs from the one that wrote '
+          f'{directory} at step {s}: {a:.4g} (checkpoint) vs {b:.4g} (now); '
+          'it depends on a field that may otherwise change on resume (e.g. '
+          'num_epochs). Resume with that field as it was, or start a new '
+          '--workdir with --config.init_from=<this workdir>.')

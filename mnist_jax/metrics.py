@@ -2,6 +2,10 @@
 
 Add a metric here (a field of `TrainMetrics` or `EvalMetrics`); it then
 reaches metrics.json, TensorBoard, the epoch line and the report by name.
+One computed from what the steps already pass (`loss`, `logits`, `labels`,
+`learning_rate`, `mask`) needs nothing else; one from another value (e.g.
+`metrics.Average.from_output('grad_norm')`) also needs that value passed by
+name to `single_from_model_output` in `steps.train_step` / `eval_step`.
 """
 
 import dataclasses

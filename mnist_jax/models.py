@@ -27,6 +27,8 @@ import jax.numpy as jnp
 from mnist_jax import input_pipeline
 from mnist_jax import ops
 
+# The network's end points, as it sows them (the summaries take whatever a
+# model sows).
 END_POINTS = ('conv1', 'pool1', 'conv2', 'pool2', 'fc3', 'dropout3', 'fc4')
 
 # TF's variance_scaling_initializer(factor=1.0, mode='FAN_AVG', uniform=False):

@@ -3,7 +3,10 @@
 A different optimizer is a change to `create_optimizer` (and, for new
 hyperparameters, fields in `configs/default.py`); nothing else needs editing.
 Every config field is part of a run's identity for resuming unless
-`checkpointing.MAY_CHANGE_ON_RESUME` lists it, so new fields are safe.
+`checkpointing.MAY_CHANGE_ON_RESUME` lists it, so new fields are safe. The
+run's duration may change on resume; a schedule over the run's length
+(`total_steps`) then would too, so a resume is refused where the schedule
+differs over the steps the run had left.
 """
 
 from __future__ import annotations
@@ -15,6 +18,16 @@ import optax
 def steps_per_epoch(config, num_train: int) -> int:
   """Steps per epoch; the last incomplete batch is dropped (as the tutorial)."""
   return num_train // config.batch_size
+
+
+def total_steps(config, num_train: int) -> int:
+  """The step a run ends at: `num_epochs` epochs, capped by
+  `num_train_steps` if that is > 0 (what a schedule over the whole run
+  decays over)."""
+  total = config.num_epochs * steps_per_epoch(config, num_train)
+  if config.num_train_steps > 0:
+    total = min(total, config.num_train_steps)
+  return total
 
 
 def learning_rate_schedule(config, num_train: int) -> optax.Schedule:

@@ -125,9 +125,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str,
       config, num_train, max(int(split.labels.max()) for split in (
           data.train, data.validation, data.test) if len(split)))
   spe = optimizer.steps_per_epoch(config, num_train)
-  total_steps = config.num_epochs * spe
-  if config.num_train_steps > 0:
-    total_steps = min(total_steps, config.num_train_steps)
+  total_steps = optimizer.total_steps(config, num_train)
   model = models.create_model(config)
   root = jax.random.key(config.seed)
   return base.Run(

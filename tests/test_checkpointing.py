@@ -100,6 +100,30 @@ def test_resuming_with_another_dataset_is_refused(tiny_config):
   checkpointing.check_same_run(saved, tiny_config, '/run/checkpoints')
 
 
+def test_a_schedule_over_the_runs_length_refuses_a_longer_resume(
+    reference, tmp_path, monkeypatch):
+  """Extending a run is allowed (num_epochs may change), but not where the
+  schedule is defined by its length: the learning rate would jump."""
+  config, ref_workdir, _, _ = reference
+  workdir = str(tmp_path)
+  ckpt_util.copy_steps(ref_workdir, workdir, [10, 20])
+  monkeypatch.setattr(
+      optimizer, 'learning_rate_schedule',
+      lambda c, n: optax.cosine_decay_schedule(c.initial_learning_rate,
+                                               optimizer.total_steps(c, n)))
+  longer = config.copy_and_resolve_references()
+  longer.num_epochs = 4
+  with pytest.raises(ConfigError, match=(
+      r'learning-rate schedule differs from the one that wrote .* at step '
+      r'20: 0\.0004132 \(checkpoint\) vs 0\.0008214 \(now\)')):
+    ckpt_util.run(longer, workdir)
+  assert ckpt_util.steps(workdir) == [10, 20]
+  # The same length (or the tutorial's per-epoch decay, extended in
+  # test_resume_mid_epoch_is_bitwise_identical) resumes.
+  saved = json.loads(json.dumps(config.to_dict()))
+  checkpointing.check_same_schedule(saved, config, 600, 20, workdir)
+
+
 def test_a_changed_model_is_one_line_not_every_checkpoint_unreadable(
     reference, tmp_path, monkeypatch, capsys):
   """The same config over a model whose code changed (here: BatchNorm in

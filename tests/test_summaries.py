@@ -15,9 +15,13 @@ import sys
 import threading
 import types
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+
+import conftest
 
 from conftest import ROOT
 from conftest import read_events
@@ -203,6 +207,29 @@ def test_a_stop_writes_the_steps_since_the_last_write():
   got = dict(hook.train_writer.scalars)
   assert sorted(got) == [4, 6]
   assert got[6]['loss'] == pytest.approx(5.5)  # mean of steps 5, 6
+
+
+def test_layer_stats_cover_the_end_points_a_changed_model_sows():
+  """A layer added, renamed or removed in models.py is summarised as the
+  model sows it; nothing lists the layers a second time."""
+
+  class Changed(nn.Module):
+    @nn.compact
+    def __call__(self, x, *, train):
+      hidden = nn.relu(nn.Dense(8, name='dense')(x.reshape(len(x), -1)))
+      logits = nn.Dense(3, name='out')(hidden)
+      self.sow('intermediates', 'end_points', {'hidden': hidden,
+                                               'logits': logits})
+      return logits
+
+  model = Changed()
+  images = conftest.make_digits(4, 0)[0][..., None]
+  variables = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)),
+                         train=False)
+  stats = summaries.make_layer_stats_fn(model, max_histogram_values=10)(
+      {'params': variables['params']}, images, images, jax.random.key(1))
+  for key in ('train_sparsity', 'test_sparsity', 'histograms'):
+    assert list(stats[key]) == ['hidden', 'logits'], key
 
 
 def test_epoch_summaries_are_written_beside_the_loop(tmp_path, tiny_config):

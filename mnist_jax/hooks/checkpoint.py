@@ -68,6 +68,8 @@ class CheckpointHook(base.Hook):
     def restore_fn(step):
       saved = checkpointing.restore_items(self.manager, step)
       checkpointing.check_same_run(saved.config, run.config, directory)
+      checkpointing.check_same_schedule(
+          saved.config, run.config, len(run.data.train), step, directory)
       # The same config and other shapes: the model's code changed since.
       checkpointing.check_variable_shapes(
           self.manager, step, state.variables, advice=(
@@ -238,3 +240,4 @@ class CheckpointHook(base.Hook):
         self._wait()
       os.kill(os.getpid(),
               signal.SIGTERM if kind == 'term' else signal.SIGKILL)
+

@@ -38,6 +38,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.lowering = 'auto'  # XLA ops: 'fast' (CPU rewrite), 'reference' (nn.Conv); 'auto' = fast on CPU only.
   config.dtype = 'float32'  # Activation/compute dtype ('float32' or 'bfloat16'); params stay f32.
   config.batch_norm = False  # BatchNorm before conv1's and conv2's ReLU (not in the tutorial); running stats are checkpointed.
+  config.augment_shift = 0  # Training images moved by up to N pixels each way (random per image and step); 0 = off (tutorial).
 
   # --- Parallelism (see docs/scaling.md) ---
   config.parallelism = 'jit'  # 'jit': one program over a mesh of all devices; 'pmap': classic pmap.

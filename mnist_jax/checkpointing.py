@@ -52,7 +52,8 @@ MAY_CHANGE_ON_RESUME = (
 
 # Fields added to the config since runs were first saved, with the value
 # every run before them had: a saved config without one was that run.
-IMPLIED_WHEN_ABSENT = {'data.name': 'mnist', 'batch_norm': False}
+IMPLIED_WHEN_ABSENT = {'data.name': 'mnist', 'batch_norm': False,
+                       'augment_shift': 0}
 
 # Fields `run_config` leaves as the command line has them: how this machine
 # runs the same function, not what the run was.

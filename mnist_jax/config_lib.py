@@ -81,6 +81,9 @@ def validate(config) -> None:
         'must be an integer in [0, 2**32).')
   check(0 < config.dropout_keep_prob <= 1, 'dropout_keep_prob',
         'must be in (0, 1] (1 disables dropout).')
+  check(is_int(config.augment_shift) and 0 <= config.augment_shift <= 8,
+        'augment_shift', 'must be an integer number of pixels in [0, 8] (0 '
+        '= no augmentation).')
   check(config.num_train_steps == -1 or config.num_train_steps > 0,
         'num_train_steps', 'must be -1 (use num_epochs) or > 0.')
   check(config.data.source in DATA_SOURCES, 'data.source',

@@ -442,6 +442,33 @@ def epoch_permutation(rng: jax.Array, epoch, num_examples: int) -> jax.Array:
   return jax.random.permutation(jax.random.fold_in(rng, epoch), num_examples)
 
 
+def random_shift(images: jax.Array, rng: jax.Array,
+                 max_shift: int) -> jax.Array:
+  """Training augmentation: each image moved by its own random offset of up
+  to `max_shift` pixels along each axis, the uncovered border black (0).
+
+  A pure function of `rng` (the training step derives it from the seed and
+  the step, so runs stay reproducible and resumable) on device, inside the
+  step; with a batch sharded over devices each shard is moved where it is.
+
+  Args:
+    images: [B, H, W, C] images, any dtype.
+    rng: the key of this batch's offsets.
+    max_shift: the largest offset; 0 returns `images` as they are.
+
+  Returns:
+    [B, H, W, C], the same dtype.
+  """
+  if max_shift == 0:
+    return images
+  _, h, w, c = images.shape
+  offsets = jax.random.randint(rng, (len(images), 2), 0, 2 * max_shift + 1)
+  pad = (max_shift, max_shift)
+  padded = jnp.pad(images, ((0, 0), pad, pad, (0, 0)))
+  return jax.vmap(lambda image, o: jax.lax.dynamic_slice(
+      image, (o[0], o[1], 0), (h, w, c)))(padded, offsets)
+
+
 def normalize(images: jax.Array, dtype=jnp.float32) -> jax.Array:
   """uint8 [0, 255] -> `dtype` in [0, 1], as the tutorial's `read_data_sets`."""
   return images.astype(dtype) * (1.0 / 255.0)

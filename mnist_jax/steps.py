@@ -27,6 +27,9 @@ from mnist_jax import parallel
 
 P = jax.sharding.PartitionSpec
 PMAP_AXIS = 'batch'
+# Folded into the run's dropout key for the augmentation's stream (above any
+# step, which the dropout stream folds in, so the two never meet).
+AUGMENT_STREAM = 2**31 + 1
 
 
 class TrainState(train_state.TrainState):
@@ -143,7 +146,9 @@ def _steps_body(config, num_train: int, *, batch_sharding=None,
                 axis_name=None, num_shards: int = 1):
   """`run(state, data, perm, rng, num_steps)`: `num_steps` consecutive steps
   within one epoch, each gathering its batch from the resident uint8 `data`
-  by the epoch's permutation; metrics stacked along a leading step axis."""
+  by the epoch's permutation (then augmenting it, with
+  `config.augment_shift`: the place for training-only input transforms);
+  metrics stacked along a leading step axis."""
   spe = optimizer.steps_per_epoch(config, num_train)
   dtype = jnp.dtype(config.dtype)
 
@@ -154,7 +159,14 @@ def _steps_body(config, num_train: int, *, batch_sharding=None,
                         spe=spe, shard=shard)
     if batch_sharding is not None:  # each device gathers only its own rows
       idx = jax.lax.with_sharding_constraint(idx, batch_sharding)
-    batch = {'image': input_pipeline.normalize(data['image'][idx], dtype),
+    images = data['image'][idx]
+    if config.augment_shift:
+      key = jax.random.fold_in(jax.random.fold_in(rng, AUGMENT_STREAM),
+                               state.step)
+      if axis_name is not None:  # each device's share its own offsets
+        key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
+      images = input_pipeline.random_shift(images, key, config.augment_shift)
+    batch = {'image': input_pipeline.normalize(images, dtype),
              'label': data['label'][idx]}
     return train_step(state, batch, rng, axis_name=axis_name)
 

@@ -347,3 +347,23 @@ def test_images_of_the_wrong_shape_are_caught_when_loaded(tiny_config,
     with pytest.raises(ConfigError, match=r"config.data.name='mnist': its "
                        r'images are 32x32x1 uint8, the model takes 28x28x1'):
       input_pipeline.load(tiny_config)
+
+
+def test_random_shift_moves_each_image_within_the_bound():
+  images = conftest.make_digits(6, 0)[0][..., None]
+  key = jax.random.key(3)
+  out = np.asarray(input_pipeline.random_shift(images, key, 2))
+  assert out.dtype == np.uint8 and out.shape == images.shape
+  padded = np.pad(images, ((0, 0), (2, 2), (2, 2), (0, 0)))
+  offsets = []
+  for image, moved in zip(padded, out):
+    found = [(dy, dx) for dy in range(5) for dx in range(5)
+             if np.array_equal(image[dy:dy + 28, dx:dx + 28], moved)]
+    assert found, 'not a shift of at most 2 pixels with a black border'
+    offsets.append(found[0])
+  assert len(set(offsets)) > 1  # each image its own offset
+  np.testing.assert_array_equal(
+      input_pipeline.random_shift(images, key, 2), out)  # a function of key
+  assert not np.array_equal(
+      input_pipeline.random_shift(images, jax.random.key(4), 2), out)
+  assert input_pipeline.random_shift(images, key, 0) is images

@@ -92,7 +92,8 @@ def one_device(idx_dir, tmp_path_factory):
                {'name': 'jit_bf16', 'overrides': {
                    'num_train_steps': STEPS, 'dtype': 'bfloat16'}},
                {'name': 'jit_bn', 'overrides': {
-                   'num_train_steps': STEPS, 'batch_norm': True}})
+                   'num_train_steps': STEPS, 'batch_norm': True,
+                   'augment_shift': 2}})
   [(results, _)] = _run_workers(tmp, 'one', runs, [_env(1)])
   assert results['jit']['devices'] == 1
   return results
@@ -112,7 +113,8 @@ def eight_devices(idx_dir, tmp_path_factory):
                    'num_train_steps': STEPS, 'dtype': 'bfloat16',
                    'parallelism': 'pmap', 'steps_per_dispatch': 3}},
                {'name': 'jit_bn', 'overrides': {
-                   'num_train_steps': STEPS, 'batch_norm': True}})
+                   'num_train_steps': STEPS, 'batch_norm': True,
+                   'augment_shift': 2}})
   [(results, _)] = _run_workers(tmp, 'eight', runs, [_env(8)])
   assert results['jit']['devices'] == 8
   return results
@@ -138,10 +140,11 @@ def test_jit_mesh_on_8_devices_equals_1_device_with_dropout(
   _assert_same_run(eight_devices['jit'], one_device['jit'])
 
 
-def test_batch_norm_normalises_the_global_batch_on_a_mesh(one_device,
-                                                         eight_devices):
+def test_batch_norm_and_augmentation_on_a_mesh_equal_1_device(
+    one_device, eight_devices):
   """On the jit path BatchNorm's batch statistics are the global batch's
-  (XLA reduces across the shards): 8 devices train as 1 does."""
+  (XLA reduces across the shards) and the augmentation's offsets the global
+  batch's: 8 devices train as 1 does."""
   _assert_same_run(eight_devices['jit_bn'], one_device['jit_bn'])
   assert not np.allclose(one_device['jit_bn']['losses'],
                          one_device['jit']['losses'], rtol=1e-4)

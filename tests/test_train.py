@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from configs import default
 from conftest import make_digits
@@ -105,9 +106,12 @@ def test_loss_falls_on_a_fixed_batch():
                              1e-3 * 0.95**14, rtol=1e-5)
 
 
+@pytest.mark.parametrize('augment_shift', [0, 2])
 def test_resident_train_fn_compiles_once_and_k_steps_equal_single_steps(
-    tiny_config):
-  """steps_per_dispatch=k gives exactly the k=1 result, per-step metrics too."""
+    tiny_config, augment_shift):
+  """steps_per_dispatch=k gives exactly the k=1 result, per-step metrics too
+  (with augmentation too: its offsets are a function of seed and step)."""
+  tiny_config.augment_shift = augment_shift
   tiny_config.batch_size = 8
   mesh = parallel.create_mesh()
   data = input_pipeline.load(tiny_config)
@@ -130,6 +134,12 @@ def test_resident_train_fn_compiles_once_and_k_steps_equal_single_steps(
   stacked = jax.tree.map(lambda *xs: np.concatenate(xs), *per_step)
   for a, b in zip(jax.tree.leaves(stacked), jax.tree.leaves(m4)):
     np.testing.assert_array_equal(a, b)
+  if augment_shift:  # and the steps did see moved images
+    plain = tiny_config.copy_and_resolve_references()
+    plain.augment_shift = 0
+    _, m0 = steps.make_train_fn(plain, n, mesh)(
+        copy(state0), train_data, perm, rng, num_steps=4)
+    assert not np.allclose(m0.loss.total, m4.loss.total)
 
 
 def test_resident_steps_make_no_host_to_device_copies(tiny_config):

@@ -240,4 +240,3 @@ class CheckpointHook(base.Hook):
         self._wait()
       os.kill(os.getpid(),
               signal.SIGTERM if kind == 'term' else signal.SIGKILL)
-

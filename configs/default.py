@@ -76,7 +76,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # --- Checkpoints ---
   config.checkpoint_every_steps = 0  # Save every N steps; 0 = at every epoch end (and at the end).
   config.max_checkpoints_to_keep = 10  # Keep the last N checkpoints (tutorial: 10).
-  config.init_from = ''  # Fine-tune: start from the params of this workdir/checkpoint ('' = no).
+  config.init_from = ''  # Fine-tune: start from the params (and model state) of this workdir/checkpoint ('' = no).
   config.eval_step = -1  # --mode eval: evaluate this step's checkpoint; -1 = the latest.
 
   if arg == 'smoke':

@@ -29,6 +29,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from mnist_jax import config_lib
+from mnist_jax import models
 from mnist_jax import optimizer
 from mnist_jax import parallel
 from mnist_jax.errors import CheckpointError, ConfigError, UserError
@@ -240,12 +241,13 @@ def _flat_shapes(tree) -> dict[str, tuple[int, ...]]:
 
 
 def check_variable_shapes(
-    manager, step: int, abstract_variables, what: str = 'The checkpoint',
+    manager, step: int, abstract_variables, config=None,
     advice: str = 'Is config.num_classes (or the model) the same as in the '
     'run that saved it?') -> None:
   """Raises CheckpointError listing the model's variables (parameters and
-  model state) whose shapes differ from those in the checkpoint, then
-  `advice`."""
+  model state) whose shapes differ from those in the checkpoint, then what
+  to do: the model fields (`models.model_fields`) where `config` differs
+  from the saved run's config, else `advice`."""
   wanted_tree = _variables_tree(abstract_variables)
   saved_tree = manager.item_metadata(step)['state'].tree
   saved = _flat_shapes({k: saved_tree[k] for k in wanted_tree
@@ -254,16 +256,40 @@ def check_variable_shapes(
   # Parameters first, by their names (without the 'params/' prefix).
   names = sorted(set(saved) | set(wanted),
                  key=lambda k: (not k.startswith('params/'), k))
-  diffs = [f'{k.removeprefix("params/")}: checkpoint {saved.get(k)} vs model '
-           f'{wanted.get(k)}' for k in names if saved.get(k) != wanted.get(k)]
-  if diffs:
-    more = f'; and {len(diffs) - 4} more' if len(diffs) > 4 else ''
-    raise CheckpointError(
-        f'{what} at {manager.directory}/{step} does not fit the model ('
-        f'{"; ".join(diffs[:4])}{more}). {advice}')
+  shape = lambda tree, k: tree.get(k, 'absent')  # pylint: disable=unnecessary-lambda-assignment
+  diffs = [f'{k.removeprefix("params/")}: checkpoint {shape(saved, k)} vs '
+           f'model {shape(wanted, k)}'
+           for k in names if saved.get(k) != wanted.get(k)]
+  if not diffs:
+    return
+  if config is not None:
+    advice = _model_field_advice(manager, step, config) or advice
+  more = f'; and {len(diffs) - 4} more' if len(diffs) > 4 else ''
+  raise CheckpointError(
+      f'The checkpoint at {manager.directory}/{step} does not fit the model '
+      f'({"; ".join(diffs[:4])}{more}). {advice}')
 
 
-def restore_variables(manager, abstract_variables, step: int | None = None):
+def _model_field_advice(manager, step: int, config) -> str | None:
+  """'The run that saved it had batch_norm=True (now False): ...', or None
+  where no model field differs (or the saved config cannot be read)."""
+  try:
+    saved = _identity_leaves(restore_items(manager, step).config)
+  except Exception:  # pylint: disable=broad-except
+    return None
+  now = config_lib.leaves(config_json(config))
+  fields = [f for f in models.model_fields(config)
+            if f in saved and f in now and saved[f] != now[f]]
+  if not fields:
+    return None
+  return ('The run that saved it had '
+          + ', '.join(f'{f}={saved[f]!r} (now {now[f]!r})' for f in fields)
+          + ': ' + ' '.join(f'--config.{f}={saved[f]}' for f in fields)
+          + ' builds its model.')
+
+
+def restore_variables(manager, abstract_variables, step: int | None = None,
+                      config=None):
   """Restores only the model's variables onto the target's shardings.
 
   Args:
@@ -271,12 +297,14 @@ def restore_variables(manager, abstract_variables, step: int | None = None):
     abstract_variables: ShapeDtypeStructs (with shardings) of the variables
       ({'params': ..., **model_state}: `models.abstract_variables`).
     step: the step to read; None = the latest readable one.
+    config: the config the model was built from; where the checkpoint does
+      not fit, its error names the model fields the saved run had otherwise.
 
   Returns:
     (step, variables, the 'run' JSON item).
   """
   def restore_fn(s):
-    check_variable_shapes(manager, s, abstract_variables)
+    check_variable_shapes(manager, s, abstract_variables, config)
     r = restore_items(manager, s, _variables_tree(abstract_variables),
                       partial=True)
     return {'params': r.state['params'],
@@ -306,13 +334,13 @@ def require_checkpoints(workdir: str) -> str:
 
 
 def restore_workdir_variables(workdir: str, abstract_variables,
-                              step: int | None = None):
+                              step: int | None = None, config=None):
   """`restore_variables` from a training run's workdir: (step, variables,
   run)."""
   directory = require_checkpoints(workdir)
   manager = create_manager(directory, read_only=True)
   try:
-    return restore_variables(manager, abstract_variables, step)
+    return restore_variables(manager, abstract_variables, step, config)
   finally:
     manager.close()
 
@@ -349,7 +377,8 @@ def run_config(workdir: str, config, overrides=(), step: int | None = None):
     config: the command line's config: its `overrides` (dotted field names
       given as `--config.<field>=...`) win over the run's values; its
       `THIS_MACHINE` fields and those the run's config lacks (added to the
-      code since) are kept.
+      code since) are kept, except `IMPLIED_WHEN_ABSENT`'s: the run had
+      their value.
     overrides: see `config`.
     step: whose saved config (default: the latest readable checkpoint's).
 
@@ -373,7 +402,7 @@ def run_config(workdir: str, config, overrides=(), step: int | None = None):
     return config
   merged = config.copy_and_resolve_references()
   now = config_lib.leaves(config_json(config))
-  for field, value in config_lib.leaves(saved).items():
+  for field, value in _identity_leaves(saved).items():
     if (field not in now or field in overrides or now[field] == value
         or _within(field, THIS_MACHINE)):
       continue

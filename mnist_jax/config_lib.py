@@ -88,9 +88,18 @@ def validate(config) -> None:
         'num_train_steps', 'must be -1 (use num_epochs) or > 0.')
   check(config.data.source in DATA_SOURCES, 'data.source',
         f'unknown data source; use one of {DATA_SOURCES}.')
-  check(isinstance(config.data.name, str)
-        and DATASET_NAME.fullmatch(config.data.name), 'data.name',
-        f'not a TFDS dataset name; use e.g. {DATASET_EXAMPLES}.')
+  name = config.data.name
+  lower = (f"{name.lower()!r}" if isinstance(name, str)
+           and DATASET_NAME.fullmatch(name.lower()) else None)
+  check(isinstance(name, str) and DATASET_NAME.fullmatch(name), 'data.name',
+        f'not a TFDS dataset name; use {lower} (TFDS names are lower case).'
+        if lower else f'not a TFDS dataset name; use e.g. {DATASET_EXAMPLES}.')
+  # The IDX source reads whatever its folder holds; a name there would be a
+  # label the run's identity keeps, without choosing anything.
+  check(config.data.source != 'idx' or name == 'mnist', 'data.name',
+        "names a TFDS dataset, and data.source='idx' reads the four IDX files "
+        "in data.dir, whatever they hold: leave data.name at 'mnist' (or use "
+        "--config.data.source=tfds).")
   check(config.lowering in LOWERINGS, 'lowering', f'use one of {LOWERINGS}.')
   check(config.dtype in DTYPES, 'dtype', f'use one of {DTYPES}.')
   check(config.parallelism in PARALLELISMS, 'parallelism',

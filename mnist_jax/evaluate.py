@@ -42,7 +42,7 @@ def evaluate_checkpoint(config, workdir: str) -> dict[str, Any]:
   step, variables, _ = checkpointing.restore_workdir_variables(
       workdir, models.abstract_variables(
           run.model, jax.NamedSharding(run.mesh, jax.P())),
-      None if config.eval_step == -1 else config.eval_step)
+      None if config.eval_step == -1 else config.eval_step, config)
   record = {'step': step,
             'checkpoint': os.path.join(checkpointing.checkpoint_dir(workdir),
                                        str(step)),

@@ -23,6 +23,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 from mnist_jax import input_pipeline
 from mnist_jax import ops
@@ -165,6 +166,31 @@ def create_model(config) -> CNN:
              batch_norm=config.batch_norm)
 
 
+class _Reads:
+  """A view of a config that records the dotted fields read through it."""
+
+  def __init__(self, config, read: set[str], prefix: str = ''):
+    self._config, self._read, self._prefix = config, read, prefix
+
+  def __getattr__(self, name):
+    value = getattr(self._config, name)
+    if isinstance(value, ml_collections.ConfigDict):
+      return _Reads(value, self._read, f'{self._prefix}{name}.')
+    self._read.add(self._prefix + name)
+    return value
+
+  __getitem__ = __getattr__
+
+
+def model_fields(config) -> list[str]:
+  """The config fields `create_model` builds the model from, sorted: what a
+  checkpoint's variables were shaped by (read off `create_model` itself, so
+  a field added there is included)."""
+  read = set()
+  create_model(_Reads(config, read))
+  return sorted(read)
+
+
 def end_points(model: CNN, variables, images, *, train=False, rngs=None):
   """Runs the model (running statistics unchanged, even with `train=True`)
   and returns (logits, {end point name: activation})."""
@@ -202,4 +228,3 @@ def abstract_variables(model: CNN, sharding=None) -> dict[str, Any]:
   return jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
       shapes)
-

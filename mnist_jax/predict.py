@@ -154,7 +154,7 @@ def restore_variables(config, workdir: str):
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   step, variables, _ = checkpointing.restore_workdir_variables(
       workdir, models.abstract_variables(models.create_model(config), device),
-      None if config.eval_step == -1 else config.eval_step)
+      None if config.eval_step == -1 else config.eval_step, config)
   return step, variables
 
 

@@ -136,7 +136,7 @@ def test_a_changed_model_is_one_line_not_every_checkpoint_unreadable(
   monkeypatch.setattr(models, 'create_model', lambda c: create(
       c).clone(batch_norm=True))
   with pytest.raises(CheckpointError, match=(
-      r'conv1/bias: checkpoint \(32,\) vs model None.*The model changed '
+      r'conv1/bias: checkpoint \(32,\) vs model absent.*The model changed '
       'since this run saved it.*Nothing was deleted')):
     ckpt_util.run(config, workdir)
   assert 'unreadable' not in capsys.readouterr().err
@@ -627,6 +627,13 @@ def test_checkpoint_of_the_code_before_layering_resumes_and_evaluates(
   for key in ('validation_loss', 'validation_accuracy', 'test_loss',
               'test_accuracy'):
     assert got[key] == want[key], key
+  # Its config predates batch_norm, augment_shift and data.name: the run had
+  # the values every run before them had, whatever the config file says.
+  other = quiet.copy_and_resolve_references()
+  other.batch_norm, other.augment_shift = True, 2
+  merged = checkpointing.run_config(workdir, other)
+  assert (merged.batch_norm, merged.augment_shift, merged.data.name) == (
+      False, 0, 'mnist')
   # Resumes: the step continues from 10 and the run ends bitwise as the
   # reference, which was never interrupted.
   capsys.readouterr()
@@ -636,7 +643,6 @@ def test_checkpoint_of_the_code_before_layering_resumes_and_evaluates(
   assert [r['step'] for r in result['epochs']] == [18, 36]
   assert result['final'] == ref_result['final']
   ckpt_util.assert_bitwise_equal(ckpt_util.saved_params(workdir), ref_params)
-
 
 
 def test_resuming_past_the_end_says_there_is_nothing_to_train(

@@ -55,7 +55,10 @@ def test_unknown_config_arg():
     ('data.num_validation', -1, r'num_validation=-1: must be an integer >= 0'),
     ('data.name', '', "data.name='': not a TFDS dataset name; use e.g."),
     ('data.name', '../mnist', 'not a TFDS dataset name'),
-    ('data.name', 'MNIST', 'not a TFDS dataset name'),
+    ('data.name', 'MNIST', r"not a TFDS dataset name; use 'mnist' \(TFDS "
+     'names are lower case'),
+    ('augment_shift', 9, r'augment_shift=9: must be an integer number of '
+     r'pixels in \[0, 8\]'),
 ])
 def test_invalid_values_rejected(field, value, message):
   c = default.get_config()
@@ -89,6 +92,17 @@ def test_labels_beyond_num_classes_rejected_before_training(
                      r'idx1-ubyte.gz has label 9; use at least 10'):
     train.train_and_evaluate(tiny_config, str(tmp_path))
   assert not called
+
+
+def test_a_dataset_name_with_the_idx_source_is_refused():
+  c = default.get_config()
+  c.data.source = 'idx'
+  config_lib.validate(c)  # 'mnist', the default: nothing to choose
+  c.data.name = 'fashion_mnist'
+  with pytest.raises(ConfigError, match=(
+      r"data.name='fashion_mnist': names a TFDS dataset, and "
+      r"data.source='idx' reads the four IDX files")):
+    config_lib.validate(c)
 
 
 def test_tfds_dataset_names_accepted():

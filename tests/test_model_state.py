@@ -142,6 +142,14 @@ def test_checkpoints_hold_the_statistics_and_resume_is_exact(bn_reference,
   # --mode predict restores them too.
   step, variables = predict.restore_variables(config, ref_workdir)
   assert step == 36
+  # Restored with the default config (the notebook's first try): the field
+  # to set is named.
+  plain = config.copy_and_resolve_references()
+  plain.batch_norm = False
+  with pytest.raises(CheckpointError, match=(
+      r'conv1_bn/bias: checkpoint \(32,\) vs model absent.*'
+      r'--config.batch_norm=True builds its model')):
+    predict.restore_variables(plain, ref_workdir)
   ckpt_util.assert_bitwise_equal(jax.tree.map(np.asarray, variables), saved)
 
 
@@ -170,8 +178,10 @@ def test_fine_tuning_takes_the_statistics_with_the_parameters(bn_reference,
       plain, run.model, len(run.data.train), run.rngs['init']), run.mesh)
   hook = checkpoint.CheckpointHook()
   try:
-    with pytest.raises(CheckpointError,
-                       match=r'conv1/bias: checkpoint None vs model \(32,\)'):
+    with pytest.raises(CheckpointError, match=(
+        r'conv1/bias: checkpoint absent vs model \(32,\).*The run that '
+        r'saved it had batch_norm=True \(now False\): '
+        r'--config.batch_norm=True builds its model')):
       hook.on_train_start(run, fresh)
   finally:
     hook.on_train_end(run, -1, fresh, None)

@@ -100,20 +100,23 @@ class CheckpointHook(base.Hook):
                          history=list(self.history),
                          checkpoint=self.last_saved)
     if run.config.init_from:
-      return base.Update(state=self._init_from(run.config.init_from, state))
+      return base.Update(state=self._init_from(run.config, state))
     return None
 
-  def _init_from(self, path, state):
-    directory, step = checkpointing.resolve_checkpoint_path(path)
+  def _init_from(self, config, state):
+    directory, step = checkpointing.resolve_checkpoint_path(config.init_from)
     manager = checkpointing.create_manager(directory, read_only=True)
     try:
       step, variables, _ = checkpointing.restore_variables(
-          manager, checkpointing.abstract_like(state.variables), step)
+          manager, checkpointing.abstract_like(state.variables), step,
+          config)
     finally:
       manager.close()
-    parallel.say(f'Fine-tuning: parameters from {directory}/{step}; fresh '
+    params = variables.pop('params')
+    taken = 'parameters and model state' if variables else 'parameters'
+    parallel.say(f'Fine-tuning: {taken} from {directory}/{step}; fresh '
                  'optimizer state, starting at step 0.')
-    return state.replace(params=variables.pop('params'), model_state=variables)
+    return state.replace(params=params, model_state=variables)
 
   # ---------------------------------------------------------------- saving
   def on_steps(self, run, step, state):

@@ -64,7 +64,10 @@ def main():
   for variant in args.variant:
     config = base.copy_and_resolve_references()
     for assignment in variant.split(','):
-      common.override(config, assignment)
+      try:
+        common.override(config, assignment)
+      except SystemExit as e:  # its message names --set
+        raise SystemExit(str(e).replace('--set', '--variant')) from None
     configs[variant] = config
   prepared = {}
   for name, config in configs.items():

@@ -102,6 +102,38 @@ class Conv(nn.Module):
     return out, ops.bias_relu_max_pool_2x2(y, bias)
 
 
+class BatchNorm(nn.Module):
+  """`flax.linen.BatchNorm` over the last axis, the 'fast' lowering: the
+  same variables ('params' scale/bias, 'batch_stats' mean/var, so
+  checkpoints are the same), running averages and function, with the batch
+  statistics and their gradients as GEMVs (`ops.batch_norm`)."""
+  use_running_average: bool
+  momentum: float = 0.9
+  epsilon: float = 1e-5
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    features = (x.shape[-1],)
+    scale = self.param('scale', nn.initializers.ones, features, jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros, features, jnp.float32)
+    ra_mean = self.variable('batch_stats', 'mean', jnp.zeros, features,
+                            jnp.float32)
+    ra_var = self.variable('batch_stats', 'var', jnp.ones, features,
+                           jnp.float32)
+    if self.use_running_average:
+      inv = jax.lax.rsqrt(ra_var.value + self.epsilon)
+      return ((x.astype(jnp.float32) - ra_mean.value) * (inv * scale)
+              + bias).astype(self.dtype)
+    y, mean, var = ops.batch_norm(x.astype(self.dtype), scale, bias,
+                                  self.epsilon)
+    if not self.is_initializing():
+      ra_mean.value = (self.momentum * ra_mean.value
+                       + (1.0 - self.momentum) * mean)
+      ra_var.value = self.momentum * ra_var.value + (1.0 - self.momentum) * var
+    return y
+
+
 class CNN(nn.Module):
   """The tutorial's network; returns logits [B, num_classes].
 
@@ -135,7 +167,8 @@ class CNN(nn.Module):
       if not self.batch_norm:
         return conv(features, 5, 'SAME', nn.relu, name, pool=True)(x)
       y = conv(features, 5, 'SAME', None, name, bias=False)(x)
-      y = nn.relu(nn.BatchNorm(
+      norm = nn.BatchNorm if lowering == 'reference' else BatchNorm
+      y = nn.relu(norm(
           use_running_average=not train, momentum=self.batch_norm_momentum,
           dtype=self.dtype, name=f'{name}_bn')(y))
       pool = (ops.reference_max_pool_2x2 if lowering == 'reference' else

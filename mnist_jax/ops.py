@@ -1,6 +1,6 @@
 """Convolution, pooling and dense ops of the CNN, in two lowerings.
 
-`conv2d`, `max_pool_2x2` and `dense_conv` are the fast lowerings (forms that
+`conv2d`, `max_pool_2x2`, `dense_conv` and `batch_norm` are the fast lowerings (forms that
 XLA:CPU hands to its library kernels, oneDNN through `mnist_jax.onednn` where
 it is built); `reference_*` are the straightforward ones (`lax.conv`,
 `reduce_window`). Both compute the same function and gradients
@@ -260,6 +260,67 @@ def _add_bias_bwd(_, g):
 
 
 add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
+
+
+def _channel_sums(t: jax.Array) -> jax.Array:
+  """Float32 sums of [..., C] over every axis but the last, as a GEMV
+  (`ones @ rows`): XLA:CPU's reduction over the N*H*W rows is ~10x slower
+  (51 MB of conv1 output: 30 ms against 3.5 ms here)."""
+  rows = t.reshape(-1, t.shape[-1])
+  ones = jnp.ones((1, rows.shape[0]), rows.dtype)
+  return jnp.dot(ones, rows, preferred_element_type=jnp.float32)[0]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def batch_norm(x: jax.Array, scale: jax.Array, bias: jax.Array,
+               epsilon: float):
+  """Training-mode batch normalisation over every axis but the last.
+
+  What `flax.linen.BatchNorm` computes with batch statistics (the biased
+  variance), with every channel sum, forward and backward, a GEMV
+  (`_channel_sums`) instead of XLA:CPU's slow reductions; statistics and
+  normalisation in float32 for any `x` dtype.
+
+  Args:
+    x: [..., C] activations.
+    scale: [C] float32.
+    bias: [C] float32.
+    epsilon: added to the variance.
+
+  Returns:
+    (normalised `x` in its dtype, the batch mean [C], the batch variance
+    [C]), the statistics float32.
+  """
+  return _batch_norm_fwd(x, scale, bias, epsilon)[0]
+
+
+def _batch_norm_fwd(x, scale, bias, epsilon):
+  count = x.size // x.shape[-1]
+  mean = _channel_sums(x) / count
+  centred = x.astype(jnp.float32) - mean
+  var = _channel_sums(centred * centred) / count
+  inv = lax.rsqrt(var + epsilon)
+  xhat = centred * inv
+  y = (xhat * scale + bias).astype(x.dtype)
+  return (y, mean, var), (xhat, inv, scale)
+
+
+def _batch_norm_bwd(epsilon, residuals, cotangents):
+  del epsilon
+  xhat, inv, scale = residuals
+  g, g_mean, g_var = cotangents
+  count = xhat.size // xhat.shape[-1]
+  g32 = g.astype(jnp.float32)
+  dbias = _channel_sums(g32)
+  dscale = _channel_sums(g32 * xhat)
+  dx = (scale * inv) * (g32 - (dbias + xhat * dscale) / count)
+  # The statistics' own cotangents (zero when only the running averages
+  # read them): d mean/dx = 1/N, d var/dx = 2 (x - mean)/N.
+  dx = dx + (g_mean + g_var * 2.0 * xhat / inv) / count
+  return dx.astype(g.dtype), dscale, dbias
+
+
+batch_norm.defvjp(_batch_norm_fwd, _batch_norm_bwd)
 
 
 def reference_max_pool_2x2(x: jax.Array) -> jax.Array:

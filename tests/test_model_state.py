@@ -6,6 +6,7 @@ evaluation, checkpointed, resumed exactly, fine-tuned from, and restored for
 import functools
 import os
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -104,6 +105,47 @@ def test_pmap_step_averages_the_running_statistics_of_the_shares(stepped):
       np.testing.assert_array_equal(got[0], got[1])  # one value everywhere
       want = np.mean([_stats(s, layer)[key] for s in alone], axis=0)
       np.testing.assert_allclose(got[0], want, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize('dtype,tol', [('float32', 1e-5),
+                                       ('bfloat16', 2e-2)])
+def test_fast_batch_norm_is_flax_batch_norm(dtype, tol):
+  """The 'fast' lowering's BatchNorm (GEMV channel sums, `ops.batch_norm`)
+  has Flax's variables, outputs, running averages and gradients."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(8, 6, 6, 5)) * 3 + 1, dtype)
+  ours = models.BatchNorm(use_running_average=False, dtype=dtype)
+  theirs = nn.BatchNorm(use_running_average=False, momentum=0.9, dtype=dtype)
+  variables = theirs.init(jax.random.key(0), x)
+  assert jax.tree.structure(ours.init(jax.random.key(0), x)) == (
+      jax.tree.structure(variables))
+  variables = {'params': {'scale': jnp.asarray(rng.normal(size=5) + 1.0,
+                                               jnp.float32),
+                          'bias': jnp.asarray(rng.normal(size=5),
+                                              jnp.float32)},
+               'batch_stats': variables['batch_stats']}
+
+  def loss(module, params, x):
+    y, updated = module.apply({**variables, 'params': params}, x,
+                              mutable=['batch_stats'])
+    return jnp.sum(jnp.sin(y.astype(jnp.float32))), (y, updated)
+
+  results = [jax.jit(jax.value_and_grad(
+      functools.partial(loss, module), argnums=(0, 1), has_aux=True))(
+          variables['params'], x) for module in (ours, theirs)]
+  (_, (y, stats)), grads = results[0]
+  (_, (want_y, want_stats)), want_grads = results[1]
+  assert y.dtype == want_y.dtype == jnp.dtype(dtype)
+  close = functools.partial(np.testing.assert_allclose, rtol=tol, atol=tol)
+  close(np.asarray(y, np.float32), np.asarray(want_y, np.float32))
+  jax.tree.map(lambda a, b: close(np.asarray(a, np.float32),
+                                  np.asarray(b, np.float32)),
+               (stats, grads), (want_stats, want_grads))
+  # Evaluation: the running averages.
+  evaluated = [m.clone(use_running_average=True).apply(
+      {**variables, **want_stats}, x) for m in (ours, theirs)]
+  close(np.asarray(evaluated[0], np.float32),
+        np.asarray(evaluated[1], np.float32))
 
 
 @pytest.fixture(scope='module')

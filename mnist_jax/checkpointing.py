@@ -84,11 +84,8 @@ def create_manager(directory: str, max_to_keep: int | None = None,
 def state_tree(state) -> dict[str, Any]:
   """What a checkpoint holds of a `steps.TrainState` ('model_state' only
   where the model has some: the tutorial's checkpoints stay as they were)."""
-  tree = {'step': state.step, 'params': state.params,
-          'opt_state': state.opt_state}
-  if state.model_state:
-    tree['model_state'] = state.model_state
-  return tree
+  return {'step': state.step, 'opt_state': state.opt_state,
+          **_variables_tree(state.variables)}
 
 
 def _variables_tree(variables) -> dict[str, Any]:

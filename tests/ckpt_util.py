@@ -13,6 +13,8 @@ from configs import default
 from conftest import ROOT
 from conftest import tiny_config_for
 from mnist_jax import checkpointing
+from mnist_jax import parallel
+from mnist_jax import steps as steps_lib
 from mnist_jax import train
 from mnist_jax.hooks import checkpoint
 
@@ -21,6 +23,25 @@ def run(config, workdir, extra_hooks=(), **kwargs):
   """train_and_evaluate with the checkpoint hook only (no summaries/report)."""
   hooks = [checkpoint.CheckpointHook(), *extra_hooks]
   return train.train_and_evaluate(config, workdir, hooks=hooks, **kwargs)
+
+
+def fresh_state(run):
+  """A freshly initialised train state of `run`, on its devices."""
+  return parallel.put_replicated(steps_lib.create_train_state(
+      run.config, run.model, len(run.data.train), run.rngs['init']), run.mesh)
+
+
+def start(config, workdir):
+  """Runs only the restore-or-init step of a run; returns (state, run)."""
+  run = train.setup(config, workdir)
+  state = fresh_state(run)
+  hook = checkpoint.CheckpointHook()
+  try:
+    update = hook.on_train_start(run, state)
+  finally:
+    hook.on_train_end(run, -1, state, None)
+  return (state if update is None or update.state is None
+          else update.state), run
 
 
 def steps(workdir):

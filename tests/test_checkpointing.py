@@ -22,7 +22,6 @@ from mnist_jax import checkpointing
 from mnist_jax import evaluate
 from mnist_jax import models
 from mnist_jax import optimizer
-from mnist_jax import parallel
 from mnist_jax import predict
 from mnist_jax import steps
 from mnist_jax import train
@@ -144,30 +143,12 @@ def test_a_changed_model_is_one_line_not_every_checkpoint_unreadable(
   assert not os.path.exists(os.path.join(workdir, checkpointing.CORRUPT_DIR))
 
 
-def _fresh_state(run):
-  return parallel.put_replicated(steps.create_train_state(
-      run.config, run.model, len(run.data.train), run.rngs['init']), run.mesh)
-
-
-def _start(config, workdir):
-  """Runs only the restore-or-init step of a run; returns (state, run)."""
-  run = train.setup(config, workdir)
-  state = _fresh_state(run)
-  hook = checkpoint.CheckpointHook()
-  try:
-    update = hook.on_train_start(run, state)
-  finally:
-    hook.on_train_end(run, -1, state, None)
-  return (state if update is None or update.state is None
-          else update.state), run
-
-
 def test_fine_tuning_takes_params_only(reference, tmp_path, capsys):
   config, workdir, _, ref_params = reference
   tuned = config.copy_and_resolve_references()
   tuned.init_from = workdir
   tuned.initial_learning_rate = 1e-4  # a fine-tune may change anything
-  state, _ = _start(tuned, str(tmp_path / 'a'))
+  state, _ = ckpt_util.start(tuned, str(tmp_path / 'a'))
   assert 'Fine-tuning: parameters from' in capsys.readouterr().out
   ckpt_util.assert_bitwise_equal(jax.tree.map(np.asarray, state.params),
                                  ref_params)
@@ -176,7 +157,7 @@ def test_fine_tuning_takes_params_only(reference, tmp_path, capsys):
       state.opt_state))  # fresh Adam moments and counts
   # A step folder works too, and picks that step.
   tuned.init_from = os.path.join(workdir, 'checkpoints', '10')
-  state, _ = _start(tuned, str(tmp_path / 'b'))
+  state, _ = ckpt_util.start(tuned, str(tmp_path / 'b'))
   ckpt_util.assert_bitwise_equal(jax.tree.map(np.asarray, state.params),
                                  ckpt_util.saved_params(workdir, 10))
 
@@ -185,7 +166,7 @@ def test_own_checkpoints_win_over_init_from(reference, tmp_path, capsys):
   config, workdir, _, ref_params = reference
   rerun = config.copy_and_resolve_references()
   rerun.init_from = str(tmp_path / 'missing')  # would raise if it were used
-  state, _ = _start(rerun, workdir)
+  state, _ = ckpt_util.start(rerun, workdir)
   out = capsys.readouterr().out
   assert 'Resuming from step 36' in out
   assert (f"config.init_from='{tmp_path / 'missing'}' is not used: a run "
@@ -203,11 +184,11 @@ def test_fine_tuning_errors(reference, tmp_path):
   with pytest.raises(CheckpointError,
                      match=r'fc4/kernel: checkpoint \(1, 1, 1024, 10\) vs '
                      r'model \(1, 1, 1024, 12\).*num_classes'):
-    _start(tuned, str(tmp_path / 'a'))
+    ckpt_util.start(tuned, str(tmp_path / 'a'))
   tuned.num_classes = 10
   tuned.init_from = str(tmp_path / 'nothing')
   with pytest.raises(CheckpointError, match='no checkpoints'):
-    _start(tuned, str(tmp_path / 'b'))
+    ckpt_util.start(tuned, str(tmp_path / 'b'))
 
 
 def test_eval_mode_and_info(reference, capsys):
@@ -273,7 +254,7 @@ def test_corrupt_latest_falls_back_and_is_kept(reference, tmp_path, capsys):
   assert 'checkpoints/36 is unreadable' in capsys.readouterr().err
   assert ckpt_util.steps(work) == [30, 36]
   # Training resumes from 30 and moves 36 aside (kept) so it can re-save 36.
-  state, _ = _start(config, work)
+  state, _ = ckpt_util.start(config, work)
   captured = capsys.readouterr()
   assert 'checkpoints/36 is unreadable' in captured.err
   assert 'Resuming from step 30' in captured.out
@@ -286,7 +267,7 @@ def test_corrupt_latest_falls_back_and_is_kept(reference, tmp_path, capsys):
   with pytest.raises(CheckpointError,
                      match=r'none of the checkpoints.*\[30\].*nothing was '
                      'deleted'):
-    _start(config, work)
+    ckpt_util.start(config, work)
   assert ckpt_util.steps(work) == [30]
   # Through `launch.py --mode eval`, with the data scrambled rather than cut:
   # the warning and the error, not orbax's unfinished reads reporting their
@@ -338,7 +319,7 @@ def test_save_refuses_a_non_finite_state(tiny_config, tmp_path):
   # A save step that falls right after the loss went NaN (before the loop
   # sees the loss): the hook's own check must refuse to save.
   run = train.setup(tiny_config, str(tmp_path))
-  state = _fresh_state(run)
+  state = ckpt_util.fresh_state(run)
   hook = checkpoint.CheckpointHook()
   assert hook.on_train_start(run, state) is None  # nothing to restore
   try:
@@ -361,7 +342,7 @@ def test_orbax_saves_a_copy_beside_the_loop(tiny_config, tmp_path,
   save of the copy runs on the hook's thread, so the next dispatch may
   donate (here: delete) the state's buffers while it saves."""
   run = train.setup(tiny_config, str(tmp_path))
-  state = _fresh_state(run)
+  state = ckpt_util.fresh_state(run)
   expected = jax.device_get(state.params)
   hook = checkpoint.CheckpointHook()
   hook.on_train_start(run, state)
@@ -592,7 +573,7 @@ def test_checkpoint_of_the_code_before_layering_resumes_and_evaluates(
   # The reference's state at step 10, read back as plain arrays ...
   run = train.setup(config, ref_workdir)
   abstract = checkpointing.abstract_like(
-      checkpointing.state_tree(_fresh_state(run)))
+      checkpointing.state_tree(ckpt_util.fresh_state(run)))
   manager = checkpointing.create_manager(
       checkpointing.checkpoint_dir(ref_workdir), read_only=True)
   tree = checkpointing.restore_items(manager, 10, abstract).state

@@ -19,12 +19,9 @@ from mnist_jax import checkpointing
 from mnist_jax import evaluate
 from mnist_jax import models
 from mnist_jax import ops
-from mnist_jax import parallel
 from mnist_jax import predict
 from mnist_jax import steps
-from mnist_jax import train
 from mnist_jax.errors import CheckpointError
-from mnist_jax.hooks import checkpoint
 
 
 def _bn_config(idx_dir):
@@ -200,14 +197,7 @@ def test_fine_tuning_takes_the_statistics_with_the_parameters(bn_reference,
   config, ref_workdir, _ = bn_reference
   tuned = config.copy_and_resolve_references()
   tuned.init_from = os.path.join(ref_workdir, 'checkpoints', '20')
-  run = train.setup(tuned, str(tmp_path / 'tuned'))
-  fresh = parallel.put_replicated(steps.create_train_state(
-      tuned, run.model, len(run.data.train), run.rngs['init']), run.mesh)
-  hook = checkpoint.CheckpointHook()
-  try:
-    state = hook.on_train_start(run, fresh).state
-  finally:
-    hook.on_train_end(run, -1, fresh, None)
+  state, _ = ckpt_util.start(tuned, str(tmp_path / 'tuned'))
   assert int(state.step) == 0
   ckpt_util.assert_bitwise_equal(jax.tree.map(np.asarray, state.variables),
                                  _saved_variables(config, ref_workdir, 20))
@@ -215,15 +205,8 @@ def test_fine_tuning_takes_the_statistics_with_the_parameters(bn_reference,
   plain = config.copy_and_resolve_references()
   plain.batch_norm = False
   plain.init_from = ref_workdir
-  run = train.setup(plain, str(tmp_path / 'plain'))
-  fresh = parallel.put_replicated(steps.create_train_state(
-      plain, run.model, len(run.data.train), run.rngs['init']), run.mesh)
-  hook = checkpoint.CheckpointHook()
-  try:
-    with pytest.raises(CheckpointError, match=(
-        r'conv1/bias: checkpoint absent vs model \(32,\).*The run that '
-        r'saved it had batch_norm=True \(now False\): '
-        r'--config.batch_norm=True builds its model')):
-      hook.on_train_start(run, fresh)
-  finally:
-    hook.on_train_end(run, -1, fresh, None)
+  with pytest.raises(CheckpointError, match=(
+      r'conv1/bias: checkpoint absent vs model \(32,\).*The run that '
+      r'saved it had batch_norm=True \(now False\): '
+      r'--config.batch_norm=True builds its model')):
+    ckpt_util.start(plain, str(tmp_path / 'plain'))
